@@ -1,0 +1,1246 @@
+//! The data-plane pipeline: steering, flowlet sharding, ageing, counters and records.
+//!
+//! [`Pipeline::process_burst`] is the fast path. It works on bursts of [`BURST`]
+//! packets in three passes — parse and hash every packet and prefetch its candidate
+//! buckets' tags; prefetch the entries whose tags match; then look up, insert and steer
+//! each packet in order — so the DRAM misses of a burst overlap instead of queueing.
+//!
+//! Steering rules (DESIGN.md, principle 6):
+//! - a new flow takes `bucket = rss_hash & (buckets - 1)` → shard → node, and the
+//!   connection table pins that node for the flow's life; changing the bucket or shard
+//!   table afterwards moves only new flows;
+//! - a node that is not `active` takes no new flows: its buckets' new flows go to a
+//!   weighted fallback over the active nodes;
+//! - a `draining` node keeps its established flows; a `down` node's established flows
+//!   are remapped on their next packet — only they;
+//! - a flow of a class whose policy has a shard group of k > 1 moves to the next
+//!   member of its group only when an idle gap longer than the flowlet gap δ ends a
+//!   flowlet, so no flowlet is ever split across nodes and reordered.
+
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use hdl_bindings::telemetry::{EndReason, FeatureRecord, MAX_FEATURE_PACKETS, RecordKind};
+
+use crate::config::{ConfigError, MAX_TIMEOUT_MS, NodeConfig, NodeState, PipelineConfig};
+use crate::conntable::{ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag};
+use crate::parse::{LinkType, Parsed, parse};
+use crate::placement::{Target, maglev_table};
+use crate::rss::Toeplitz;
+use crate::{Class, FlowTuple, Verdict, ipproto};
+
+/// Packets processed together by [`Pipeline::process_burst`].
+pub const BURST: usize = 32;
+/// Ageing visits every bucket of the connection table once per second of NIC time.
+const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// Entries of the fallback table used when a bucket's node takes no new flows.
+const FALLBACK_ENTRIES: usize = 256;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+
+/// One packet offered to the NIC.
+#[derive(Clone, Copy, Debug)]
+pub struct Packet<'a> {
+    /// NIC time of arrival, ns.
+    pub ts_ns: u64,
+    /// The captured bytes, starting at the link header.
+    pub data: &'a [u8],
+    /// Length on the wire (≥ `data.len()` when a capture cut the packet short).
+    pub wire_len: u32,
+}
+
+/// What the NIC decided for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The packet's tuple, if it parsed as IP.
+    pub tuple: Option<FlowTuple>,
+    /// RSS hash of the packet as seen on the wire (0 if it did not parse).
+    pub rss_hash: u32,
+    pub bucket: u32,
+    /// Shard and node the packet was steered through (meaningful for `Forward`).
+    pub shard: u16,
+    pub node: u16,
+    /// The flow's flowlet number (0 for its first flowlet, wrapping).
+    pub flowlet: u16,
+    /// The flow's class index ([`UNCLASSIFIED`] if none).
+    pub class: u8,
+    /// This packet created the flow's entry.
+    pub new_flow: bool,
+}
+
+impl Decision {
+    fn dropped(verdict: Verdict, tuple: Option<FlowTuple>, rss_hash: u32, bucket: u32) -> Self {
+        Decision {
+            verdict,
+            tuple,
+            rss_hash,
+            bucket,
+            shard: 0,
+            node: 0,
+            flowlet: 0,
+            class: UNCLASSIFIED,
+            new_flow: false,
+        }
+    }
+}
+
+/// Packets, bytes and new flows of one node, shard or class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// Per-node counters: traffic plus the flows currently pinned to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows placed on the node (new, remapped or moved at a flowlet boundary).
+    pub flows: u64,
+    /// Tracked flows pinned to the node now.
+    pub active_flows: u64,
+}
+
+/// Everything the data plane counts. Nothing is dropped or lost without a counter here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets per verdict, indexed by `Verdict as usize`.
+    pub verdicts: [u64; Verdict::COUNT],
+    /// IP bytes forwarded.
+    pub bytes: u64,
+    /// Per node id (`nodes[id]`).
+    pub nodes: Vec<NodeCounters>,
+    /// Per shard.
+    pub shards: Vec<FlowCounters>,
+    /// Per class index; the last entry counts unclassified flows.
+    pub classes: [FlowCounters; Class::COUNT + 1],
+    pub flows_created: u64,
+    pub flows_ended_fin: u64,
+    pub flows_ended_rst: u64,
+    pub flows_ended_idle: u64,
+    pub flows_evicted: u64,
+    pub flows_flushed: u64,
+    /// Established flows moved off a down node.
+    pub flows_remapped: u64,
+    /// Flowlet boundaries at which a sharded flow changed shard.
+    pub flowlet_moves: u64,
+    pub records_emitted: u64,
+    /// Records lost because the host did not drain the record queue in time.
+    pub records_overflow: u64,
+    /// New flows that got no feature record because every staging slot was busy.
+    pub feature_slots_exhausted: u64,
+    /// Packets whose timestamp went backwards; NIC time stays monotonic.
+    pub ts_backwards: u64,
+}
+
+impl Counters {
+    pub fn packets(&self) -> u64 {
+        self.verdicts.iter().sum()
+    }
+
+    pub fn verdict(&self, v: Verdict) -> u64 {
+        self.verdicts[v as usize]
+    }
+}
+
+/// First-N-packet state of a young flow (the feature staging area).
+#[derive(Clone, Copy, Debug, Default)]
+struct Stage {
+    first_ns: u64,
+    last_ns: u64,
+    sizes: [u16; MAX_FEATURE_PACKETS],
+    iat_us: [u32; MAX_FEATURE_PACKETS],
+    directions: u32,
+    n: u8,
+    flags_client: u8,
+    flags_server: u8,
+}
+
+/// The NIC data plane.
+pub struct Pipeline {
+    rss: Toeplitz,
+    table: ConnTable,
+    bucket_mask: u32,
+    bucket_shard: Vec<u16>,
+    shard_node: Vec<u16>,
+    node_state: Vec<Option<NodeState>>,
+    node_weight: Vec<u32>,
+    fallback: Vec<u16>,
+    class_group: [u8; Class::COUNT],
+    config: PipelineConfig,
+    stages: Vec<Stage>,
+    free_stages: Vec<u16>,
+    records: VecDeque<FeatureRecord>,
+    counters: Counters,
+    now_ns: u64,
+    started: bool,
+    sweep_cursor: u32,
+    sweep_debt_ns: u64,
+}
+
+impl core::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("table", &self.table)
+            .field("now_ns", &self.now_ns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Working state of one packet between the passes of a burst.
+#[derive(Clone, Copy, Default)]
+struct Work {
+    parsed: Option<Parsed>,
+    verdict: Option<Verdict>,
+    rss: u32,
+    key: Option<FlowKey>,
+    a_to_b: bool,
+    probe: Option<Probe>,
+}
+
+/// Smooth weighted round robin: `len` slots shared among `(id, weight)` exactly in
+/// proportion (largest remainder) and interleaved, so any prefix is balanced too.
+fn weighted_spread(targets: &[(u16, u32)], len: usize) -> Vec<u16> {
+    let total: u64 = targets.iter().map(|t| u64::from(t.1)).sum();
+    let mut current: Vec<i64> = vec![0; targets.len()];
+    let mut out = Vec::with_capacity(len);
+    if total == 0 {
+        return out;
+    }
+    for _ in 0..len {
+        let mut best = 0;
+        for (i, t) in targets.iter().enumerate() {
+            current[i] += i64::from(t.1);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        out.push(targets[best].0);
+    }
+    out
+}
+
+impl Pipeline {
+    /// Build the data plane: validate the config, then allocate every table at its
+    /// fixed capacity.
+    pub fn new(config: &PipelineConfig) -> Result<Pipeline, ConfigError> {
+        config.validate()?;
+        let shard_targets: Vec<Target> = (0..config.shards)
+            .map(|id| Target { id, weight: 1 })
+            .collect();
+        let bucket_shard = maglev_table(&shard_targets, config.buckets as usize).map_err(|_| {
+            ConfigError::Invalid {
+                key: "buckets",
+                why: "cannot place the shards on this many buckets",
+            }
+        })?;
+        let max_id = config.nodes.iter().map(|n| n.id).max().unwrap_or(0) as usize;
+        let mut node_state = vec![None; max_id + 1];
+        let mut node_weight = vec![0; max_id + 1];
+        for n in &config.nodes {
+            node_state[n.id as usize] = Some(n.state);
+            node_weight[n.id as usize] = n.weight;
+        }
+        let weighted: Vec<(u16, u32)> = config
+            .nodes
+            .iter()
+            .filter(|n| n.weight > 0)
+            .map(|n| (n.id, n.weight))
+            .collect();
+        let shard_node = weighted_spread(&weighted, config.shards as usize);
+        let mut class_group = [1u8; Class::COUNT];
+        for p in &config.class_policies {
+            class_group[p.class as usize] = p.group;
+        }
+        let slots = config.feature_slots as usize;
+        let mut p = Pipeline {
+            rss: Toeplitz::new(&config.rss_key, config.symmetric_rss),
+            table: ConnTable::new(config.flow_capacity, config.table_seed),
+            bucket_mask: config.buckets - 1,
+            bucket_shard,
+            shard_node,
+            node_state,
+            node_weight,
+            fallback: Vec::new(),
+            class_group,
+            config: config.clone(),
+            stages: vec![Stage::default(); slots],
+            free_stages: (0..slots as u16).rev().collect(),
+            records: VecDeque::with_capacity(config.record_queue.min(1 << 16) as usize),
+            counters: Counters {
+                nodes: vec![NodeCounters::default(); max_id + 1],
+                shards: vec![FlowCounters::default(); config.shards as usize],
+                ..Counters::default()
+            },
+            now_ns: 0,
+            started: false,
+            sweep_cursor: 0,
+            sweep_debt_ns: 0,
+        };
+        p.rebuild_fallback();
+        Ok(p)
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The connection table (occupancy, capacity, its own statistics).
+    pub fn table(&self) -> &ConnTable {
+        &self.table
+    }
+
+    /// NIC time: the latest packet timestamp seen.
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    pub fn bucket_table(&self) -> &[u16] {
+        &self.bucket_shard
+    }
+
+    pub fn shard_table(&self) -> &[u16] {
+        &self.shard_node
+    }
+
+    /// Node ids known to the pipeline, with their state.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeConfig> + '_ {
+        self.node_state.iter().enumerate().filter_map(|(id, s)| {
+            s.map(|state| NodeConfig {
+                id: id as u16,
+                weight: self.node_weight[id],
+                state,
+            })
+        })
+    }
+
+    /// Replace the bucket → shard table; established flows keep their node.
+    pub fn set_bucket_table(&mut self, table: &[u16]) -> Result<(), ConfigError> {
+        if table.len() != self.bucket_shard.len() {
+            return Err(ConfigError::Invalid {
+                key: "buckets",
+                why: "new bucket table has a different size",
+            });
+        }
+        if table.iter().any(|s| *s as usize >= self.shard_node.len()) {
+            return Err(ConfigError::Invalid {
+                key: "buckets",
+                why: "bucket table names a shard that does not exist",
+            });
+        }
+        self.bucket_shard.copy_from_slice(table);
+        Ok(())
+    }
+
+    /// Point a shard at another node; established flows keep their node.
+    pub fn set_shard_node(&mut self, shard: u16, node: u16) -> Result<(), ConfigError> {
+        if self
+            .node_state
+            .get(node as usize)
+            .copied()
+            .flatten()
+            .is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "shard.node",
+                why: "no such node",
+            });
+        }
+        let slot = self
+            .shard_node
+            .get_mut(shard as usize)
+            .ok_or(ConfigError::Invalid {
+                key: "shard",
+                why: "no such shard",
+            })?;
+        *slot = node;
+        Ok(())
+    }
+
+    /// Change a node's state (active, draining, down).
+    pub fn set_node_state(&mut self, node: u16, state: NodeState) -> Result<(), ConfigError> {
+        let s = self
+            .node_state
+            .get_mut(node as usize)
+            .and_then(|s| s.as_mut())
+            .ok_or(ConfigError::Invalid {
+                key: "node",
+                why: "no such node",
+            })?;
+        *s = state;
+        self.rebuild_fallback();
+        Ok(())
+    }
+
+    fn rebuild_fallback(&mut self) {
+        let active: Vec<(u16, u32)> = self
+            .nodes()
+            .filter(|n| n.state == NodeState::Active && n.weight > 0)
+            .map(|n| (n.id, n.weight))
+            .collect();
+        self.fallback = weighted_spread(&active, FALLBACK_ENTRIES);
+    }
+
+    #[inline]
+    fn node_active(&self, node: u16) -> bool {
+        matches!(
+            self.node_state.get(node as usize),
+            Some(Some(NodeState::Active))
+        )
+    }
+
+    /// The node for new traffic of `shard`: the shard's own node if it takes new
+    /// flows, else the fallback spread over active nodes by `hash`.
+    #[inline]
+    fn node_for_new(&self, shard: u16, hash: u32) -> Option<u16> {
+        let node = self.shard_node.get(shard as usize).copied()?;
+        if self.node_active(node) {
+            return Some(node);
+        }
+        if self.fallback.is_empty() {
+            return None;
+        }
+        Some(self.fallback[(hash >> 24) as usize % self.fallback.len()])
+    }
+
+    /// Process one packet (a burst of one).
+    pub fn process(&mut self, link: LinkType, pkt: Packet<'_>) -> Decision {
+        let mut out = Vec::with_capacity(1);
+        self.process_burst(link, &[pkt], &mut out);
+        out[0]
+    }
+
+    /// Process packets in arrival order, appending one decision per packet to `out`.
+    pub fn process_burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
+        out.reserve(pkts.len());
+        for chunk in pkts.chunks(BURST) {
+            self.burst(link, chunk, out);
+        }
+    }
+
+    fn burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
+        let mut work = [Work::default(); BURST];
+        for (w, pkt) in work.iter_mut().zip(pkts) {
+            match parse(link, pkt.data, pkt.wire_len) {
+                Ok(p) => {
+                    w.rss = self.rss.hash_tuple(&p.tuple);
+                    let (key, a_to_b) = FlowKey::from_tuple(&p.tuple);
+                    let probe = self.table.probe(&key);
+                    self.table.prefetch_tags(&probe);
+                    w.parsed = Some(p);
+                    w.key = Some(key);
+                    w.a_to_b = a_to_b;
+                    w.probe = Some(probe);
+                }
+                Err(v) => w.verdict = Some(v),
+            }
+        }
+        for w in &work[..pkts.len()] {
+            if let Some(p) = &w.probe {
+                self.table.prefetch_entries(p);
+            }
+        }
+        for (w, pkt) in work.iter().zip(pkts) {
+            let d = match (w.parsed, w.key, w.probe) {
+                (Some(parsed), Some(key), Some(probe)) => {
+                    self.advance_clock(pkt.ts_ns);
+                    self.steer(&parsed, &key, w.a_to_b, &probe, w.rss)
+                }
+                _ => Decision::dropped(w.verdict.unwrap_or(Verdict::NonIp), None, 0, 0),
+            };
+            self.counters.verdicts[d.verdict as usize] += 1;
+            out.push(d);
+        }
+    }
+
+    /// Move NIC time forward (never back) and age the connection table accordingly.
+    fn advance_clock(&mut self, ts_ns: u64) {
+        if !self.started {
+            self.started = true;
+            self.now_ns = ts_ns;
+            return;
+        }
+        if ts_ns < self.now_ns {
+            self.counters.ts_backwards += 1;
+            return;
+        }
+        let elapsed = ts_ns - self.now_ns;
+        self.now_ns = ts_ns;
+        if elapsed > u64::from(MAX_TIMEOUT_MS) * 1_000_000 {
+            // Longer than any timeout: every tracked flow is idle past its limit, and
+            // the entries' 32-bit µs clocks cannot be trusted across such a gap.
+            self.sweep(self.table.buckets(), true);
+            return;
+        }
+        self.sweep_debt_ns += elapsed;
+        let buckets = u64::from(self.table.buckets());
+        let due = (self.sweep_debt_ns as u128 * buckets as u128 / SWEEP_PERIOD_NS as u128) as u64;
+        if due > 0 {
+            self.sweep_debt_ns -= (due as u128 * SWEEP_PERIOD_NS as u128 / buckets as u128) as u64;
+            self.sweep(due.min(buckets) as u32, false);
+        }
+    }
+
+    fn now_us(&self) -> u32 {
+        (self.now_ns / 1_000) as u32
+    }
+
+    fn idle_limit_us(&self, e: &FlowEntry) -> u32 {
+        let t = &self.config.timeouts;
+        let ms = if e.is_closing() {
+            t.tcp_close_ms
+        } else {
+            match e.proto {
+                ipproto::TCP => t.tcp_ms,
+                ipproto::UDP => t.udp_ms,
+                ipproto::ICMP | ipproto::ICMPV6 => t.icmp_ms,
+                _ => t.other_ms,
+            }
+        };
+        ms.saturating_mul(1_000)
+    }
+
+    /// Visit `count` buckets from the sweep cursor and end the flows idle past their
+    /// timeout (all visited flows if `all`).
+    fn sweep(&mut self, count: u32, all: bool) {
+        let now_us = self.now_us();
+        let n = self.table.buckets();
+        for _ in 0..count {
+            let b = self.sweep_cursor;
+            self.sweep_cursor = if b + 1 >= n { 0 } else { b + 1 };
+            let mut m = self.table.occupied_in(b);
+            while m != 0 {
+                let slot = b * crate::conntable::SLOTS as u32 + m.trailing_zeros();
+                m &= m - 1;
+                let Some(e) = self.table.entry(slot) else {
+                    continue;
+                };
+                if all || now_us.wrapping_sub(e.last_us) > self.idle_limit_us(e) {
+                    let reason = if all {
+                        EndReason::Idle
+                    } else if e.flags & flag::RST != 0 {
+                        EndReason::Rst
+                    } else if e.is_closing() {
+                        EndReason::Fin
+                    } else {
+                        EndReason::Idle
+                    };
+                    if let Some(e) = self.table.remove(slot) {
+                        self.end_flow(&e, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// End every tracked flow now (end of a replay, reset), exporting their records.
+    pub fn flush(&mut self) {
+        let n = self.table.buckets();
+        for b in 0..n {
+            let mut m = self.table.occupied_in(b);
+            while m != 0 {
+                let slot = b * crate::conntable::SLOTS as u32 + m.trailing_zeros();
+                m &= m - 1;
+                if let Some(e) = self.table.remove(slot) {
+                    self.end_flow(&e, EndReason::Flushed);
+                }
+            }
+        }
+    }
+
+    /// Take the telemetry records produced so far.
+    pub fn drain_records(&mut self) -> impl Iterator<Item = FeatureRecord> + '_ {
+        self.records.drain(..)
+    }
+
+    fn push_record(&mut self, r: FeatureRecord) {
+        if self.records.len() >= self.config.record_queue as usize {
+            self.counters.records_overflow += 1;
+        } else {
+            self.records.push_back(r);
+            self.counters.records_emitted += 1;
+        }
+    }
+
+    fn class_slot(class: u8) -> usize {
+        (class as usize).min(Class::COUNT)
+    }
+
+    fn classify_by_ports(&self, key: &FlowKey) -> u8 {
+        for r in &self.config.port_rules {
+            if r.proto == key.proto
+                && ((r.ports[0]..=r.ports[1]).contains(&key.port_a)
+                    || (r.ports[0]..=r.ports[1]).contains(&key.port_b))
+            {
+                return r.class as u8;
+            }
+        }
+        UNCLASSIFIED
+    }
+
+    fn group_of(&self, class: u8) -> u8 {
+        self.class_group.get(class as usize).copied().unwrap_or(1)
+    }
+
+    fn steer(
+        &mut self,
+        parsed: &Parsed,
+        key: &FlowKey,
+        a_to_b: bool,
+        probe: &Probe,
+        rss: u32,
+    ) -> Decision {
+        let bucket = rss & self.bucket_mask;
+        let now_us = self.now_us();
+        let mut new_flow = false;
+        let slot = match self.table.find(key, probe) {
+            Some(slot) => slot,
+            None => match self.create_flow(key, a_to_b, probe, bucket, rss) {
+                Some(slot) => {
+                    new_flow = true;
+                    slot
+                }
+                None => {
+                    return Decision::dropped(Verdict::NoNode, Some(parsed.tuple), rss, bucket);
+                }
+            },
+        };
+        let Some(e) = self.table.entry(slot).copied() else {
+            return Decision::dropped(Verdict::NoNode, Some(parsed.tuple), rss, bucket);
+        };
+        let mut e = e;
+        if !new_flow {
+            let new_flowlet = now_us.wrapping_sub(e.last_us) > self.config.flowlet_gap_us;
+            if new_flowlet {
+                e.flowlet = e.flowlet.wrapping_add(1);
+            }
+            if matches!(
+                self.node_state.get(e.node as usize),
+                Some(Some(NodeState::Down)) | Some(None) | None
+            ) {
+                // Only a failed node's flows are remapped, and only on their own packets.
+                let shard = self.bucket_shard[bucket as usize];
+                let Some(node) = self.node_for_new(shard, rss) else {
+                    return Decision::dropped(Verdict::NoNode, Some(parsed.tuple), rss, bucket);
+                };
+                self.move_flow(&mut e, shard, node);
+                self.counters.flows_remapped += 1;
+            } else if new_flowlet {
+                let k = self.group_of(e.class);
+                if k > 1 {
+                    self.next_group_member(&mut e, k, rss);
+                }
+            }
+        }
+        self.account(&mut e, parsed, a_to_b);
+        let d = Decision {
+            verdict: Verdict::Forward,
+            tuple: Some(parsed.tuple),
+            rss_hash: rss,
+            bucket,
+            shard: e.shard,
+            node: e.node,
+            flowlet: e.flowlet,
+            class: e.class,
+            new_flow,
+        };
+        if let Some(slot_ref) = self.table.entry_mut(slot) {
+            *slot_ref = e;
+        }
+        d
+    }
+
+    /// Move a sharded flow to the next member of its group at a flowlet boundary.
+    /// Members are spread `shards / k` apart, starting from the flow's first shard.
+    fn next_group_member(&mut self, e: &mut FlowEntry, k: u8, rss: u32) {
+        let shards = self.shard_node.len() as u32;
+        let stride = (shards / u32::from(k)).max(1);
+        let k16 = u16::from(k);
+        let prev = u32::from(e.flowlet.wrapping_sub(1) % k16);
+        let member = u32::from(e.flowlet % k16);
+        let base = (u32::from(e.shard) + shards - (prev * stride) % shards) % shards;
+        let shard = ((base + member * stride) % shards) as u16;
+        e.shards_used |= 1 << member;
+        if shard != e.shard
+            && let Some(node) = self.node_for_new(shard, rss)
+        {
+            self.move_flow(e, shard, node);
+            self.counters.flowlet_moves += 1;
+        }
+    }
+
+    fn move_flow(&mut self, e: &mut FlowEntry, shard: u16, node: u16) {
+        if let Some(c) = self.counters.nodes.get_mut(e.node as usize) {
+            c.active_flows = c.active_flows.saturating_sub(1);
+        }
+        if let Some(c) = self.counters.nodes.get_mut(node as usize) {
+            c.active_flows += 1;
+            c.flows += 1;
+        }
+        e.shard = shard;
+        e.node = node;
+    }
+
+    fn create_flow(
+        &mut self,
+        key: &FlowKey,
+        a_to_b: bool,
+        probe: &Probe,
+        bucket: u32,
+        rss: u32,
+    ) -> Option<u32> {
+        let shard = self.bucket_shard[bucket as usize];
+        let node = self.node_for_new(shard, rss)?;
+        let class = self.classify_by_ports(key);
+        let feature_slot = match self.free_stages.pop() {
+            Some(s) => {
+                self.stages[s as usize] = Stage {
+                    first_ns: self.now_ns,
+                    last_ns: self.now_ns,
+                    ..Stage::default()
+                };
+                s + 1
+            }
+            None => {
+                self.counters.feature_slots_exhausted += 1;
+                0
+            }
+        };
+        let mut flags = if key.ipv6 { flag::IPV6 } else { 0 };
+        if a_to_b {
+            flags |= flag::A_IS_CLIENT;
+        }
+        let entry = FlowEntry {
+            addr_a: key.addr_a,
+            addr_b: key.addr_b,
+            port_a: key.port_a,
+            port_b: key.port_b,
+            proto: key.proto,
+            flags,
+            class,
+            shards_used: 1,
+            node,
+            shard,
+            flowlet: 0,
+            feature_slot,
+            last_us: self.now_us(),
+            start_ms: (self.now_ns / 1_000_000) as u32,
+            packets: 0,
+            bytes: 0,
+        };
+        let inserted = self.table.insert(entry, probe, self.now_us());
+        if let Some(ev) = inserted.evicted {
+            self.end_flow(&ev, EndReason::Evicted);
+        }
+        self.counters.flows_created += 1;
+        if let Some(c) = self.counters.nodes.get_mut(node as usize) {
+            c.flows += 1;
+            c.active_flows += 1;
+        }
+        if let Some(c) = self.counters.shards.get_mut(shard as usize) {
+            c.flows += 1;
+        }
+        self.counters.classes[Self::class_slot(class)].flows += 1;
+        Some(inserted.slot)
+    }
+
+    /// Count one packet on its flow, node, shard and class, and feed the flow's
+    /// feature staging while it is young.
+    fn account(&mut self, e: &mut FlowEntry, parsed: &Parsed, a_to_b: bool) {
+        let len = parsed.ip_len;
+        if e.packets == u32::MAX || e.bytes.checked_add(len).is_none() {
+            self.export(e, RecordKind::Interim, EndReason::None);
+            e.packets = 0;
+            e.bytes = 0;
+            e.start_ms = (self.now_ns / 1_000_000) as u32;
+        }
+        e.packets += 1;
+        e.bytes += len;
+        e.last_us = self.now_us();
+        let from_a = a_to_b;
+        let f = parsed.tcp_flags;
+        if e.proto == ipproto::TCP {
+            if f & TCP_FIN != 0 {
+                e.flags |= if from_a { flag::FIN_A } else { flag::FIN_B };
+            }
+            if f & TCP_RST != 0 {
+                e.flags |= flag::RST;
+            }
+            if f & TCP_SYN != 0 {
+                e.flags |= flag::SYN;
+            }
+        }
+        let from_client = from_a == (e.flags & flag::A_IS_CLIENT != 0);
+        if e.feature_slot != 0 {
+            let n_max = self.config.feature_packets;
+            let now = self.now_ns;
+            if let Some(st) = self.stages.get_mut(e.feature_slot as usize - 1) {
+                let i = st.n as usize;
+                if i < MAX_FEATURE_PACKETS {
+                    st.sizes[i] = len.min(u32::from(u16::MAX)) as u16;
+                    st.iat_us[i] = if i == 0 {
+                        0
+                    } else {
+                        ((now - st.last_ns) / 1_000).min(u64::from(u32::MAX)) as u32
+                    };
+                    if !from_client {
+                        st.directions |= 1 << i;
+                    }
+                    st.n += 1;
+                }
+                st.last_ns = now;
+                if from_client {
+                    st.flags_client |= f;
+                } else {
+                    st.flags_server |= f;
+                }
+                if st.n >= n_max {
+                    self.export(e, RecordKind::Early, EndReason::None);
+                    self.free_stages.push(e.feature_slot - 1);
+                    e.feature_slot = 0;
+                }
+            }
+        }
+        let c = &mut self.counters;
+        c.bytes += u64::from(len);
+        if let Some(n) = c.nodes.get_mut(e.node as usize) {
+            n.packets += 1;
+            n.bytes += u64::from(len);
+        }
+        if let Some(s) = c.shards.get_mut(e.shard as usize) {
+            s.packets += 1;
+            s.bytes += u64::from(len);
+        }
+        let cl = &mut c.classes[Self::class_slot(e.class)];
+        cl.packets += 1;
+        cl.bytes += u64::from(len);
+    }
+
+    fn end_flow(&mut self, e: &FlowEntry, reason: EndReason) {
+        self.export(e, RecordKind::End, reason);
+        if e.feature_slot != 0 {
+            self.free_stages.push(e.feature_slot - 1);
+        }
+        if let Some(c) = self.counters.nodes.get_mut(e.node as usize) {
+            c.active_flows = c.active_flows.saturating_sub(1);
+        }
+        let c = &mut self.counters;
+        match reason {
+            EndReason::Fin => c.flows_ended_fin += 1,
+            EndReason::Rst => c.flows_ended_rst += 1,
+            EndReason::Idle => c.flows_ended_idle += 1,
+            EndReason::Evicted => c.flows_evicted += 1,
+            EndReason::Flushed | EndReason::None => c.flows_flushed += 1,
+        }
+    }
+
+    /// Write a feature record of `e` (and of its staging, while it has one).
+    fn export(&mut self, e: &FlowEntry, kind: RecordKind, end_reason: EndReason) {
+        let a_client = e.flags & flag::A_IS_CLIENT != 0;
+        let (client_addr, client_port, server_addr, server_port) = if a_client {
+            (e.addr_a, e.port_a, e.addr_b, e.port_b)
+        } else {
+            (e.addr_b, e.port_b, e.addr_a, e.port_a)
+        };
+        // Rebuild full NIC times from the entry's wrapping clocks.
+        let now_ms = self.now_ns / 1_000_000;
+        let start_ns = (now_ms - u64::from((now_ms as u32).wrapping_sub(e.start_ms))) * 1_000_000;
+        let now_us = self.now_ns / 1_000;
+        let last_ns = (now_us - u64::from((now_us as u32).wrapping_sub(e.last_us))) * 1_000;
+        let mut r = FeatureRecord {
+            kind,
+            end_reason,
+            proto: e.proto,
+            ipv6: e.flags & flag::IPV6 != 0,
+            n: 0,
+            class: e.class,
+            tcp_flags_client: 0,
+            tcp_flags_server: 0,
+            shards_used: e.shards_used,
+            node: e.node,
+            shard: e.shard,
+            flowlets: e.flowlet.wrapping_add(1),
+            client_addr,
+            server_addr,
+            client_port,
+            server_port,
+            directions: 0,
+            first_ts_ns: start_ns,
+            last_ts_ns: last_ns,
+            packets: e.packets,
+            bytes: u64::from(e.bytes),
+            sizes: [0; MAX_FEATURE_PACKETS],
+            iat_us: [0; MAX_FEATURE_PACKETS],
+        };
+        if e.feature_slot != 0
+            && let Some(st) = self.stages.get(e.feature_slot as usize - 1)
+        {
+            r.n = st.n;
+            r.sizes = st.sizes;
+            r.iat_us = st.iat_us;
+            r.directions = st.directions;
+            r.tcp_flags_client = st.flags_client;
+            r.tcp_flags_server = st.flags_server;
+            r.first_ts_ns = st.first_ns;
+        } else if e.proto == ipproto::TCP {
+            // Past the staging: the entry's close flags are what is left of the flags.
+            let fin_client = if a_client { flag::FIN_A } else { flag::FIN_B };
+            let fin_server = if a_client { flag::FIN_B } else { flag::FIN_A };
+            let syn = if e.flags & flag::SYN != 0 { TCP_SYN } else { 0 };
+            let rst = if e.flags & flag::RST != 0 { TCP_RST } else { 0 };
+            r.tcp_flags_client = syn
+                | rst
+                | if e.flags & fin_client != 0 {
+                    TCP_FIN
+                } else {
+                    0
+                };
+            r.tcp_flags_server = rst
+                | if e.flags & fin_server != 0 {
+                    TCP_FIN
+                } else {
+                    0
+                };
+        }
+        self.push_record(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClassPolicy, PortRule};
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+    use std::vec::Vec as StdVec;
+
+    /// An Ethernet/IPv4 TCP packet of client `c` (10.0.x.y:port) to 192.0.2.1:80,
+    /// or its reply.
+    fn tcp(c: u32, reply: bool, flags: u8, payload: usize) -> StdVec<u8> {
+        let client = (0x0a00_0000 | (c & 0xffff)).to_be_bytes();
+        let port = 1024 + (c >> 16) as u16;
+        let server = [192, 0, 2, 1];
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let b = if reply {
+            b.ipv4(server, client, 64).tcp(80, port, 1, 1000)
+        } else {
+            b.ipv4(client, server, 64).tcp(port, 80, 1, 1000)
+        };
+        let b = if flags & TCP_SYN != 0 {
+            b.syn()
+        } else {
+            b.ack(1)
+        };
+        let b = if flags & TCP_FIN != 0 { b.fin() } else { b };
+        let b = if flags & TCP_RST != 0 { b.rst() } else { b };
+        let mut v = StdVec::new();
+        b.write(&mut v, &std::vec![0u8; payload]).unwrap();
+        v
+    }
+
+    fn small() -> PipelineConfig {
+        PipelineConfig {
+            flow_capacity: 4096,
+            buckets: 256,
+            shards: 16,
+            feature_slots: 64,
+            ..PipelineConfig::default()
+        }
+    }
+
+    fn send(p: &mut Pipeline, ts_ns: u64, data: &[u8]) -> Decision {
+        p.process(
+            LinkType::Ethernet,
+            Packet {
+                ts_ns,
+                data,
+                wire_len: data.len() as u32,
+            },
+        )
+    }
+
+    #[test]
+    fn both_directions_of_a_flow_go_to_one_node() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let a = send(&mut p, 0, &tcp(1, false, TCP_SYN, 0));
+        let b = send(&mut p, 1_000, &tcp(1, true, TCP_SYN, 0));
+        assert!(a.new_flow && !b.new_flow);
+        assert_eq!((a.verdict, b.verdict), (Verdict::Forward, Verdict::Forward));
+        assert_eq!((a.node, a.shard), (b.node, b.shard));
+        assert_ne!(a.rss_hash, b.rss_hash, "the wire hash differs by direction");
+        assert_eq!(a.bucket, a.rss_hash & 255);
+        assert_eq!(p.table().len(), 1);
+        assert_eq!(p.counters().flows_created, 1);
+    }
+
+    #[test]
+    fn bucket_table_changes_move_only_new_flows() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let before: StdVec<Decision> = (0..200)
+            .map(|c| send(&mut p, c as u64, &tcp(c, false, TCP_SYN, 0)))
+            .collect();
+        // Point every bucket at shard 0, whose node is node 0.
+        p.set_bucket_table(&[0u16; 256]).unwrap();
+        let node0 = p.shard_table()[0];
+        for (c, d) in before.iter().enumerate() {
+            let again = send(&mut p, 1_000 + c as u64, &tcp(c as u32, true, 0, 10));
+            assert_eq!(again.node, d.node, "established flow {c} changed node");
+        }
+        for c in 1000..1100 {
+            let d = send(&mut p, 5_000 + u64::from(c), &tcp(c, false, TCP_SYN, 0));
+            assert_eq!((d.shard, d.node), (0, node0));
+        }
+        assert!(p.set_bucket_table(&[0u16; 8]).is_err());
+        assert!(p.set_bucket_table(&[99u16; 256]).is_err());
+    }
+
+    #[test]
+    fn draining_keeps_flows_down_remaps_only_its_own() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let first: StdVec<Decision> = (0..400)
+            .map(|c| send(&mut p, u64::from(c), &tcp(c, false, TCP_SYN, 0)))
+            .collect();
+        let victim = first[0].node;
+        p.set_node_state(victim, NodeState::Draining).unwrap();
+        for (c, d) in first.iter().enumerate() {
+            assert_eq!(
+                send(&mut p, 1_000 + c as u64, &tcp(c as u32, false, 0, 1)).node,
+                d.node
+            );
+        }
+        for c in 1000..1400 {
+            assert_ne!(
+                send(&mut p, 2_000 + u64::from(c), &tcp(c, false, TCP_SYN, 0)).node,
+                victim
+            );
+        }
+        p.set_node_state(victim, NodeState::Down).unwrap();
+        let mut remapped = 0;
+        for (c, d) in first.iter().enumerate() {
+            let now = send(&mut p, 10_000 + c as u64, &tcp(c as u32, true, 0, 1));
+            if d.node == victim {
+                assert_ne!(now.node, victim);
+                remapped += 1;
+            } else {
+                assert_eq!(
+                    now.node, d.node,
+                    "flow {c} not on the failed node was moved"
+                );
+            }
+        }
+        assert!(remapped > 0);
+        assert_eq!(p.counters().flows_remapped, remapped);
+        for n in p.nodes().map(|n| n.id).collect::<StdVec<_>>() {
+            p.set_node_state(n, NodeState::Down).unwrap();
+        }
+        assert_eq!(
+            send(&mut p, 20_000, &tcp(5000, false, TCP_SYN, 0)).verdict,
+            Verdict::NoNode
+        );
+        assert_eq!(p.counters().verdict(Verdict::NoNode), 1);
+    }
+
+    #[test]
+    fn sharded_flows_move_only_at_flowlet_boundaries() {
+        let mut cfg = small();
+        cfg.class_policies.push(ClassPolicy {
+            class: Class::Bulk,
+            group: 4,
+        });
+        cfg.port_rules.push(PortRule {
+            proto: 6,
+            ports: [80, 80],
+            class: Class::Bulk,
+        });
+        let mut p = Pipeline::new(&cfg).unwrap();
+        let gap = u64::from(cfg.flowlet_gap_us) * 1_000;
+        let mut t = 0u64;
+        let mut shards = StdVec::new();
+        for flowlet in 0..8u16 {
+            let mut in_flowlet = StdVec::new();
+            for _ in 0..5 {
+                let d = send(&mut p, t, &tcp(7, false, 0, 100));
+                assert_eq!(d.flowlet, flowlet);
+                assert_eq!(d.class, Class::Bulk as u8);
+                in_flowlet.push(d.shard);
+                t += 10_000; // 10 µs apart: well inside δ
+            }
+            assert!(
+                in_flowlet.windows(2).all(|w| w[0] == w[1]),
+                "flowlet split: {in_flowlet:?}"
+            );
+            shards.push(in_flowlet[0]);
+            t += gap + 1_000;
+        }
+        let distinct: std::collections::BTreeSet<_> = shards.iter().collect();
+        assert_eq!(distinct.len(), 4, "a group of 4 uses 4 shards: {shards:?}");
+        assert_eq!(shards[0], shards[4], "members rotate");
+        assert!(p.counters().flowlet_moves >= 7);
+        p.flush();
+        let end = p.drain_records().last().unwrap();
+        assert_eq!(end.shards_used, 0b1111);
+        assert_eq!(end.flowlets, 8);
+    }
+
+    #[test]
+    fn feature_record_after_n_packets_and_end_record_after_fin() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let mut t = 0;
+        for i in 0..8u32 {
+            let reply = i % 2 == 1;
+            send(
+                &mut p,
+                t,
+                &tcp(3, reply, if i == 0 { TCP_SYN } else { 0 }, i as usize * 10),
+            );
+            t += 1_000_000 * u64::from(i + 1);
+        }
+        let recs: StdVec<_> = p.drain_records().collect();
+        assert_eq!(recs.len(), 1);
+        let r = recs[0];
+        assert_eq!(r.kind, RecordKind::Early);
+        assert_eq!(r.n, 8);
+        assert_eq!(r.client_port, 1024);
+        assert_eq!(r.server_port, 80);
+        assert_eq!(&r.sizes[..3], &[40, 50, 60]);
+        assert_eq!(&r.iat_us[..3], &[0, 1_000, 2_000]);
+        assert_eq!(r.directions, 0b1010_1010);
+        assert_eq!(r.tcp_flags_client & TCP_SYN, TCP_SYN);
+        send(&mut p, t, &tcp(3, false, TCP_FIN, 0));
+        send(&mut p, t + 1_000, &tcp(3, true, TCP_FIN, 0));
+        // Past the close linger (2 s) plus a full sweep period.
+        send(&mut p, t + 4_000_000_000, &tcp(99, false, TCP_SYN, 0));
+        let end: StdVec<_> = p.drain_records().collect();
+        assert_eq!(end.len(), 1);
+        assert_eq!(
+            (end[0].kind, end[0].end_reason),
+            (RecordKind::End, EndReason::Fin)
+        );
+        assert_eq!(end[0].packets, 10);
+        assert_eq!(p.counters().flows_ended_fin, 1);
+        assert_eq!(p.table().len(), 1);
+    }
+
+    #[test]
+    fn idle_flows_age_out_by_protocol_timeout() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        send(&mut p, 0, &tcp(1, false, TCP_SYN, 0));
+        send(&mut p, 299_000_000_000, &tcp(2, false, TCP_SYN, 0));
+        assert_eq!(
+            p.table().len(),
+            2,
+            "299 s idle is within the 300 s TCP timeout"
+        );
+        send(&mut p, 302_000_000_000, &tcp(2, false, 0, 0));
+        assert_eq!(p.table().len(), 1);
+        assert_eq!(p.counters().flows_ended_idle, 1);
+        // A jump longer than any timeout ends everything.
+        send(&mut p, 10_000_000_000_000, &tcp(3, false, TCP_SYN, 0));
+        assert_eq!(p.counters().flows_ended_idle, 2);
+        assert_eq!(p.table().len(), 1);
+        send(&mut p, 5, &tcp(3, false, 0, 0));
+        assert_eq!(p.counters().ts_backwards, 1);
+    }
+
+    #[test]
+    fn a_full_table_evicts_and_counts() {
+        let cfg = PipelineConfig {
+            flow_capacity: 100,
+            ..small()
+        };
+        let mut p = Pipeline::new(&cfg).unwrap();
+        for c in 0..150 {
+            send(&mut p, u64::from(c) * 1_000, &tcp(c, false, TCP_SYN, 0));
+        }
+        assert_eq!(p.table().len(), 100);
+        assert_eq!(p.counters().flows_evicted, 50);
+        let evicted = p
+            .drain_records()
+            .filter(|r| r.end_reason == EndReason::Evicted)
+            .count();
+        assert_eq!(evicted, 50);
+        let active: u64 = p.counters().nodes.iter().map(|n| n.active_flows).sum();
+        assert_eq!(active, 100);
+    }
+
+    #[test]
+    fn malformed_and_non_ip_are_counted_not_steered() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let good = tcp(1, false, TCP_SYN, 0);
+        let mut arp = good.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let pkts = [
+            Packet {
+                ts_ns: 0,
+                data: &good[..20],
+                wire_len: 20,
+            },
+            Packet {
+                ts_ns: 1,
+                data: &arp,
+                wire_len: arp.len() as u32,
+            },
+            Packet {
+                ts_ns: 2,
+                data: &good,
+                wire_len: good.len() as u32,
+            },
+        ];
+        let mut out = StdVec::new();
+        p.process_burst(LinkType::Ethernet, &pkts, &mut out);
+        let v: StdVec<_> = out.iter().map(|d| d.verdict).collect();
+        assert_eq!(v, [Verdict::TruncatedL3, Verdict::NonIp, Verdict::Forward]);
+        assert_eq!(p.counters().packets(), 3);
+        assert_eq!(p.counters().verdict(Verdict::TruncatedL3), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Whatever the arrival order, timing and bucket-table changes, every packet of
+        /// a non-sharded flow goes to one node, and bursts equal single packets.
+        #[test]
+        fn a_flow_never_changes_node(
+            events in proptest::collection::vec((0u32..60, any::<bool>(), 0u64..50_000_000, 0u16..16), 1..400),
+            rewrite_at in proptest::collection::vec(0usize..400, 0..4),
+        ) {
+            let mut burst = Pipeline::new(&small()).unwrap();
+            let mut single = Pipeline::new(&small()).unwrap();
+            let mut t = 0;
+            let mut pinned = std::collections::BTreeMap::new();
+            let frames: StdVec<(u64, StdVec<u8>)> = events.iter().map(|(c, reply, dt, _)| {
+                t += dt;
+                (t, tcp(*c, *reply, 0, 0))
+            }).collect();
+            let mut decisions = StdVec::new();
+            for (i, chunk) in frames.chunks(37).enumerate() {
+                if rewrite_at.contains(&i) {
+                    let shard = events[i].3;
+                    burst.set_bucket_table(&[shard; 256]).unwrap();
+                    single.set_bucket_table(&[shard; 256]).unwrap();
+                }
+                let pkts: StdVec<Packet> = chunk.iter().map(|(ts, f)| Packet { ts_ns: *ts, data: f, wire_len: f.len() as u32 }).collect();
+                burst.process_burst(LinkType::Ethernet, &pkts, &mut decisions);
+                for pk in &pkts {
+                    let one = single.process(LinkType::Ethernet, *pk);
+                    prop_assert_eq!(Some(one), decisions.get(decisions.len() - pkts.len() + (pk as *const _ as usize - pkts.as_ptr() as usize) / core::mem::size_of::<Packet>()).copied());
+                }
+            }
+            for (d, (c, _, _, _)) in decisions.iter().zip(&events) {
+                prop_assert_eq!(d.verdict, Verdict::Forward);
+                // Flows end only by idling out (≥ 300 s), which these events never reach.
+                let node = *pinned.entry(*c).or_insert(d.node);
+                prop_assert_eq!(node, d.node);
+            }
+        }
+    }
+}
