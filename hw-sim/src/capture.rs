@@ -31,14 +31,18 @@ use pcap_parser::{
     parse_pcap_frame, parse_pcap_frame_be, parse_pcap_frame_modified, parse_pcap_header,
 };
 
-/// Initial streaming buffer size. It holds any legacy pcap record that passes the
-/// [`MAX_CAPLEN`] check, so only oversized pcapng blocks (long comments, custom
-/// blocks) ever make the buffer grow.
+/// Streaming buffer size for files larger than it. It holds any legacy pcap record
+/// that passes the [`MAX_CAPLEN`] check, so only oversized pcapng blocks (long
+/// comments, custom blocks) ever make the buffer grow.
 const INITIAL_CAPACITY: usize = 512 * 1024;
 
 /// Largest pcapng block the buffer grows to hold. Anything bigger is treated as
 /// corruption: a garbage length field must not make the reader allocate gigabytes.
 const MAX_BLOCK: usize = 64 * 1024 * 1024;
+
+/// Extra room when growing the buffer for a large block, so the block's trailer
+/// and the next block's header fit without another grow.
+const GROW_HEADROOM: usize = 64 * 1024;
 
 /// Largest captured length accepted for a packet: libpcap's maximum snapshot
 /// length. Larger values only come from corrupt or hostile files.
@@ -347,17 +351,13 @@ impl CaptureReader {
                 self.state.unit()
             ))));
         }
-        if needed >= self.capacity {
-            let target = needed
-                .saturating_mul(2)
-                .clamp(self.capacity, MAX_BLOCK + INITIAL_CAPACITY);
-            if target <= needed || !self.inner.grow(target) {
-                return Err(self.fail(Fault::Corrupt(format!(
-                    "{} of {needed} bytes does not fit the read buffer",
-                    self.state.unit()
-                ))));
+        // Grow only once the buffer is full of this one block: a refill first shows
+        // whether the file even has the bytes a (possibly garbage) length claims.
+        if needed >= self.capacity && available >= self.capacity {
+            let target = needed.saturating_add(GROW_HEADROOM);
+            if self.inner.grow(target) {
+                self.capacity = target;
             }
-            self.capacity = target;
         }
         match self.inner.refill() {
             Ok(()) => Ok(true),
@@ -935,6 +935,24 @@ mod tests {
         assert_eq!(interface(1, -2).ts_ns(1), None);
         assert_eq!(interface(1_000_000, 0).ts_ns(u64::MAX), None);
         assert_eq!(interface(1 << 63, i64::MAX).ts_ns(u64::MAX), None);
+    }
+
+    /// Traffic sources run readers on their own threads.
+    #[test]
+    fn reader_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<CaptureReader>();
+    }
+
+    #[test]
+    fn tsresol_decimal_and_binary() {
+        assert_eq!(units_per_sec(6), Some(1_000_000));
+        assert_eq!(units_per_sec(9), Some(1_000_000_000));
+        assert_eq!(units_per_sec(19), Some(10_000_000_000_000_000_000));
+        assert_eq!(units_per_sec(20), None);
+        assert_eq!(units_per_sec(0x80 | 10), Some(1024));
+        assert_eq!(units_per_sec(0x80 | 63), Some(1 << 63));
+        assert_eq!(units_per_sec(0x80 | 64), None);
     }
 
     #[test]

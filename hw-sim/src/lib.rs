@@ -2,3 +2,4 @@
 //! `nic-firmware` data plane, so flowshard can be exercised without hardware.
 
 pub mod capture;
+pub mod generate;

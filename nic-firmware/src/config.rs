@@ -320,7 +320,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: [(fn(&mut PipelineConfig), &str); 6] = [
+        type Mutation = fn(&mut PipelineConfig);
+        let cases: [(Mutation, &str); 6] = [
             (|c| c.buckets = 1000, "`buckets`"),
             (|c| c.flow_capacity = 0, "`flow_capacity`"),
             (|c| c.feature_packets = 17, "`feature_packets`"),

@@ -53,10 +53,7 @@ const AF_INET6: [u32; 3] = [24, 28, 30];
 
 #[inline(always)]
 fn be16(d: &[u8], at: usize) -> Option<u16> {
-    match d.get(at..at + 2) {
-        Some(b) => Some(u16::from_be_bytes([b[0], b[1]])),
-        None => None,
-    }
+    d.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
 }
 
 /// Parse one frame. `wire_len` is the frame's length on the wire; `data` may be
@@ -149,7 +146,13 @@ fn ipv4(d: &[u8], wire: usize) -> Result<Parsed, Verdict> {
     if ihl < 20 || ihl > d.len() {
         return Err(Verdict::BadIhl);
     }
-    let total = u16::from_be_bytes([d[2], d[3]]) as usize;
+    let mut total = u16::from_be_bytes([d[2], d[3]]) as usize;
+    if total == 0 {
+        // A capture taken on a host before TCP segmentation offload holds super-frames
+        // whose total length is 0 (Wireshark reads them the same way): the frame's
+        // length is the packet's. On a NIC port this never occurs.
+        total = wire.min(usize::from(u16::MAX));
+    }
     if total < ihl || total > wire {
         return Err(Verdict::BadIpLen);
     }
@@ -470,6 +473,14 @@ mod tests {
             whole(LinkType::Unsupported(147), &pkt),
             Err(Verdict::UnsupportedLink)
         );
+    }
+
+    #[test]
+    fn tso_super_frames_take_the_frame_length() {
+        let mut pkt = tcp4(&[0u8; 3000]);
+        pkt[16..18].copy_from_slice(&[0, 0]);
+        let p = whole(LinkType::Ethernet, &pkt).unwrap();
+        assert_eq!(p.ip_len as usize, pkt.len() - 14);
     }
 
     #[test]

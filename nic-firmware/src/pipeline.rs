@@ -181,6 +181,8 @@ pub struct Pipeline {
     started: bool,
     sweep_cursor: u32,
     sweep_debt_ns: u64,
+    /// NIC time per bucket of sweep, so the table is swept once per `SWEEP_PERIOD_NS`.
+    ns_per_bucket: u64,
 }
 
 impl core::fmt::Debug for Pipeline {
@@ -259,9 +261,11 @@ impl Pipeline {
             class_group[p.class as usize] = p.group;
         }
         let slots = config.feature_slots as usize;
+        let table = ConnTable::new(config.flow_capacity, config.table_seed);
+        let ns_per_bucket = (SWEEP_PERIOD_NS / u64::from(table.buckets())).max(1);
         let mut p = Pipeline {
             rss: Toeplitz::new(&config.rss_key, config.symmetric_rss),
-            table: ConnTable::new(config.flow_capacity, config.table_seed),
+            table,
             bucket_mask: config.buckets - 1,
             bucket_shard,
             shard_node,
@@ -282,6 +286,7 @@ impl Pipeline {
             started: false,
             sweep_cursor: 0,
             sweep_debt_ns: 0,
+            ns_per_bucket,
         };
         p.rebuild_fallback();
         Ok(p)
@@ -482,12 +487,12 @@ impl Pipeline {
             self.sweep(self.table.buckets(), true);
             return;
         }
+        // Sweep whole buckets as NIC time pays for them; the common case is a compare.
         self.sweep_debt_ns += elapsed;
-        let buckets = u64::from(self.table.buckets());
-        let due = (self.sweep_debt_ns as u128 * buckets as u128 / SWEEP_PERIOD_NS as u128) as u64;
-        if due > 0 {
-            self.sweep_debt_ns -= (due as u128 * SWEEP_PERIOD_NS as u128 / buckets as u128) as u64;
-            self.sweep(due.min(buckets) as u32, false);
+        if self.sweep_debt_ns >= self.ns_per_bucket {
+            let due = self.sweep_debt_ns / self.ns_per_bucket;
+            self.sweep_debt_ns -= due * self.ns_per_bucket;
+            self.sweep(due.min(u64::from(self.table.buckets())) as u32, false);
         }
     }
 

@@ -1,0 +1,31 @@
+# flowshard: `make run` shows the data plane on a real capture, `make test` runs every check.
+# Both install what they need first (scripts/setup.sh) and are safe to re-run.
+
+DATA ?= $(or $(FLOWSHARD_DATA),$(HOME)/.cache/flowshard-data)
+export FLOWSHARD_DATA := $(DATA)
+DEMO_PCAP ?= $(DATA)/ndpi/pcap/netflix.pcap
+CARGO ?= cargo
+
+.PHONY: setup build run test bench
+
+setup:
+	bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --locked -p flowshard
+
+# The main job: replay a real capture through the emulated NIC with the embedded
+# default configuration (4 nodes, 64 shards, 65,536 buckets), writing the decision log.
+run: build
+	./target/release/flowshard replay --pcap $(DEMO_PCAP) --decisions target/decisions.csv
+	@echo "decision log: target/decisions.csv"
+
+test: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) test --locked --workspace --release
+
+bench: build
+	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000
+	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000 --zipf 1.1
+	$(CARGO) bench -p hw-sim --bench dataplane

@@ -1,0 +1,370 @@
+//! `flowshard replay`: every packet of a capture through the NIC data plane, in
+//! capture-timestamp time, with a summary and an optional per-packet decision log.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufWriter, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use hw_sim::capture::{CaptureError, CaptureFormat, CaptureReader};
+use nic_firmware::pipeline::{Decision, Packet};
+use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
+use serde::Serialize;
+
+use crate::Error;
+
+/// Header of the decision log, one row per packet.
+pub const DECISIONS_HEADER: &str =
+    "index,ts_ns,proto,src,sport,dst,dport,rss_hash,bucket,shard,node,flowlet,verdict";
+
+/// Packets are copied out of the reader and handed to the data plane in bursts.
+const REPLAY_BURST: usize = 32;
+
+/// One node's share of the replay.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub node: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// What a replay reports.
+#[derive(Debug, Serialize)]
+pub struct ReplaySummary {
+    pub capture: String,
+    pub format: &'static str,
+    /// Packets read from the capture.
+    pub packets: u64,
+    /// Bytes on the wire of the packets read.
+    pub wire_bytes: u64,
+    /// IP bytes forwarded to nodes.
+    pub forwarded_bytes: u64,
+    /// Flows the NIC created.
+    pub flows: u64,
+    /// Capture time from the first to the last packet, ns.
+    pub duration_ns: u64,
+    pub nodes: Vec<NodeSummary>,
+    /// Packets per verdict: `forward` and every drop/malformed reason.
+    pub verdicts: BTreeMap<&'static str, u64>,
+    /// Packets per link type of the capture.
+    pub link_types: BTreeMap<String, u64>,
+    pub table_occupancy: u32,
+    pub table_capacity: u32,
+    pub evictions: u64,
+    pub flows_ended: u64,
+    pub feature_records: u64,
+    pub ts_backwards: u64,
+    /// Set when the capture ended in an error after the packets counted here.
+    pub error: Option<String>,
+}
+
+/// Replay options.
+#[derive(Debug)]
+pub struct ReplayOptions {
+    pub pcap: PathBuf,
+    pub config: PipelineConfig,
+    pub decisions: Option<PathBuf>,
+}
+
+fn link_name(l: LinkType) -> String {
+    match l {
+        LinkType::Ethernet => "ethernet".into(),
+        LinkType::RawIp => "raw_ip".into(),
+        LinkType::LinuxSll => "linux_sll".into(),
+        LinkType::LinuxSll2 => "linux_sll2".into(),
+        LinkType::Null => "bsd_loopback".into(),
+        LinkType::Loop => "openbsd_loopback".into(),
+        LinkType::Unsupported(n) => format!("unsupported_{n}"),
+    }
+}
+
+/// Append one decision-log row.
+fn write_row(row: &mut String, index: u64, ts_ns: u64, d: &Decision) {
+    let _ = write!(row, "{index},{ts_ns},");
+    match &d.tuple {
+        Some(t) => {
+            match t.proto {
+                ipproto::TCP => row.push_str("tcp"),
+                ipproto::UDP => row.push_str("udp"),
+                ipproto::ICMP => row.push_str("icmp"),
+                ipproto::ICMPV6 => row.push_str("icmpv6"),
+                n => {
+                    let _ = write!(row, "{n}");
+                }
+            }
+            let addr = |a: &[u8; 16]| {
+                if t.ipv6 {
+                    Ipv6Addr::from(*a).to_string()
+                } else {
+                    Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
+                }
+            };
+            let _ = write!(
+                row,
+                ",{},{},{},{},{:08x},{},",
+                addr(&t.src),
+                t.sport,
+                addr(&t.dst),
+                t.dport,
+                d.rss_hash,
+                d.bucket
+            );
+        }
+        None => row.push_str(",,0,,0,,,"),
+    }
+    if d.verdict == Verdict::Forward {
+        let _ = write!(row, "{},{},{},", d.shard, d.node, d.flowlet);
+    } else {
+        row.push_str(",,,");
+    }
+    row.push_str(d.verdict.as_str());
+    row.push('\n');
+}
+
+struct Replayer {
+    pipeline: Pipeline,
+    log: Option<(BufWriter<std::fs::File>, PathBuf)>,
+    row: String,
+    index: u64,
+    wire_bytes: u64,
+    first_ts: Option<u64>,
+    last_ts: u64,
+    link_types: BTreeMap<String, u64>,
+    burst_data: Vec<u8>,
+    burst_meta: Vec<(u64, usize, usize, u32)>,
+    burst_link: LinkType,
+    decisions: Vec<Decision>,
+}
+
+impl Replayer {
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.burst_meta.is_empty() {
+            return Ok(());
+        }
+        let pkts: Vec<Packet> = self
+            .burst_meta
+            .iter()
+            .map(|&(ts_ns, start, len, wire_len)| Packet {
+                ts_ns,
+                data: &self.burst_data[start..start + len],
+                wire_len,
+            })
+            .collect();
+        self.decisions.clear();
+        self.pipeline
+            .process_burst(self.burst_link, &pkts, &mut self.decisions);
+        if let Some((w, path)) = &mut self.log {
+            self.row.clear();
+            for (d, &(ts, ..)) in self.decisions.iter().zip(&self.burst_meta) {
+                write_row(&mut self.row, self.index, ts, d);
+                self.index += 1;
+            }
+            w.write_all(self.row.as_bytes())
+                .map_err(|source| Error::Io {
+                    what: format!("writing {}", path.display()),
+                    source,
+                })?;
+        }
+        self.pipeline.drain_records().for_each(drop);
+        self.burst_meta.clear();
+        self.burst_data.clear();
+        Ok(())
+    }
+}
+
+/// Replay a capture. A capture that ends in an error still yields the summary of the
+/// packets before it (with `error` set); the error is returned beside it.
+pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureError>), Error> {
+    let mut reader = CaptureReader::open(&opts.pcap)?;
+    let pipeline = Pipeline::new(&opts.config).map_err(|e| {
+        Error::Config(crate::nic_config::ConfigFileError::Invalid {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })
+    })?;
+    let log = match &opts.decisions {
+        Some(path) => {
+            let f = std::fs::File::create(path).map_err(|source| Error::Io {
+                what: format!("creating {}", path.display()),
+                source,
+            })?;
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            writeln!(w, "{DECISIONS_HEADER}").map_err(|source| Error::Io {
+                what: format!("writing {}", path.display()),
+                source,
+            })?;
+            Some((w, path.clone()))
+        }
+        None => None,
+    };
+    let mut r = Replayer {
+        pipeline,
+        log,
+        row: String::new(),
+        index: 0,
+        wire_bytes: 0,
+        first_ts: None,
+        last_ts: 0,
+        link_types: BTreeMap::new(),
+        burst_data: Vec::with_capacity(REPLAY_BURST * 2048),
+        burst_meta: Vec::with_capacity(REPLAY_BURST),
+        burst_link: LinkType::Ethernet,
+        decisions: Vec::with_capacity(REPLAY_BURST),
+    };
+    let mut packets = 0u64;
+    let capture_error = loop {
+        let pkt = match reader.next_packet() {
+            Ok(Some(p)) => p,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        packets += 1;
+        r.wire_bytes += u64::from(pkt.wire_len);
+        r.first_ts.get_or_insert(pkt.ts_ns);
+        r.last_ts = r.last_ts.max(pkt.ts_ns);
+        *r.link_types.entry(link_name(pkt.link)).or_default() += 1;
+        if pkt.link != r.burst_link || r.burst_meta.len() == REPLAY_BURST {
+            r.flush()?;
+            r.burst_link = pkt.link;
+        }
+        let start = r.burst_data.len();
+        r.burst_data.extend_from_slice(pkt.data);
+        let wire_len = pkt.wire_len.max(pkt.data.len() as u32);
+        r.burst_meta
+            .push((pkt.ts_ns, start, pkt.data.len(), wire_len));
+    };
+    r.flush()?;
+    if let Some((w, path)) = &mut r.log {
+        w.flush().map_err(|source| Error::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })?;
+    }
+    let c = r.pipeline.counters();
+    let nodes = r
+        .pipeline
+        .nodes()
+        .map(|n| {
+            let nc = c.nodes.get(n.id as usize).copied().unwrap_or_default();
+            NodeSummary {
+                node: n.id,
+                packets: nc.packets,
+                bytes: nc.bytes,
+                flows: nc.flows,
+            }
+        })
+        .collect();
+    let summary = ReplaySummary {
+        capture: opts.pcap.display().to_string(),
+        format: match reader.format() {
+            CaptureFormat::Pcap => "pcap",
+            CaptureFormat::PcapNg => "pcapng",
+        },
+        packets,
+        wire_bytes: r.wire_bytes,
+        forwarded_bytes: c.bytes,
+        flows: c.flows_created,
+        duration_ns: r.last_ts - r.first_ts.unwrap_or(r.last_ts),
+        nodes,
+        verdicts: Verdict::ALL
+            .iter()
+            .map(|v| (v.as_str(), c.verdict(*v)))
+            .collect(),
+        link_types: r.link_types.clone(),
+        table_occupancy: r.pipeline.table().len(),
+        table_capacity: r.pipeline.table().capacity(),
+        evictions: c.flows_evicted,
+        flows_ended: c.flows_ended_fin + c.flows_ended_rst + c.flows_ended_idle + c.flows_evicted,
+        feature_records: c.records_emitted,
+        ts_backwards: c.ts_backwards,
+        error: capture_error.as_ref().map(|e| e.to_string()),
+    };
+    Ok((summary, capture_error))
+}
+
+impl ReplaySummary {
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "capture      {} ({})", self.capture, self.format);
+        let links: Vec<String> = self
+            .link_types
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(s, "link types   {}", links.join(", "));
+        let _ = writeln!(
+            s,
+            "packets      {}  ({} bytes on the wire, {:.3} s of capture time)",
+            self.packets,
+            self.wire_bytes,
+            self.duration_ns as f64 / 1e9
+        );
+        let _ = writeln!(
+            s,
+            "flows        {} created, {} ended, {} tracked at the end (capacity {}), {} evicted",
+            self.flows, self.flows_ended, self.table_occupancy, self.table_capacity, self.evictions
+        );
+        let _ = writeln!(
+            s,
+            "records      {} flow feature records",
+            self.feature_records
+        );
+        let _ = writeln!(s, "nodes        packets      bytes        flows");
+        for n in &self.nodes {
+            let _ = writeln!(
+                s,
+                "  node {:<5}  {:<12} {:<12} {}",
+                n.node, n.packets, n.bytes, n.flows
+            );
+        }
+        let _ = writeln!(s, "verdicts");
+        for (k, v) in self.verdicts.iter().filter(|(_, v)| **v > 0) {
+            let _ = writeln!(s, "  {k:<18} {v}");
+        }
+        if self.ts_backwards > 0 {
+            let _ = writeln!(
+                s,
+                "note         {} packets had timestamps earlier than the one before",
+                self.ts_backwards
+            );
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "error        {e}");
+        }
+        s
+    }
+}
+
+/// Print a summary the way the CLI does.
+pub fn print(summary: &ReplaySummary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        );
+    } else {
+        print!("{}", summary.to_text());
+    }
+}
+
+/// Run `flowshard replay`.
+pub fn run(
+    pcap: &Path,
+    config: PipelineConfig,
+    decisions: Option<&Path>,
+    json: bool,
+) -> Result<(), Error> {
+    let (summary, err) = replay(&ReplayOptions {
+        pcap: pcap.to_owned(),
+        config,
+        decisions: decisions.map(Path::to_owned),
+    })?;
+    print(&summary, json);
+    match err {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}

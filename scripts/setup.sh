@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what building and testing flowshard needs on a fresh Debian machine (run as
+# root, or with sudo available), then fetch the real captures the tests replay.
+# Idempotent: every step is skipped when its result is already there.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+
+need=()
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+dpkg -s dpkg-dev >/dev/null 2>&1 || need+=(dpkg-dev)     # apt-get source (data fetch)
+if ((${#need[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q
+  $sudo apt-get install -y -q "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing; install a Rust toolchain (1.88 or newer), e.g. Debian's cargo package or rustup" >&2
+  exit 1
+fi
+
+# Real captures (nDPI's test set, training list only) and load series, cached outside the repo.
+bash "$here/fetch-data.sh"
