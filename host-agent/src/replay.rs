@@ -131,7 +131,7 @@ struct Replayer {
     wire_bytes: u64,
     first_ts: Option<u64>,
     last_ts: u64,
-    link_types: BTreeMap<String, u64>,
+    link_types: std::collections::HashMap<LinkType, u64>,
     burst_data: Vec<u8>,
     burst_meta: Vec<(u64, usize, usize, u32)>,
     burst_link: LinkType,
@@ -207,7 +207,7 @@ pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureErro
         wire_bytes: 0,
         first_ts: None,
         last_ts: 0,
-        link_types: BTreeMap::new(),
+        link_types: std::collections::HashMap::new(),
         burst_data: Vec::with_capacity(REPLAY_BURST * 2048),
         burst_meta: Vec::with_capacity(REPLAY_BURST),
         burst_link: LinkType::Ethernet,
@@ -224,7 +224,7 @@ pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureErro
         r.wire_bytes += u64::from(pkt.wire_len);
         r.first_ts.get_or_insert(pkt.ts_ns);
         r.last_ts = r.last_ts.max(pkt.ts_ns);
-        *r.link_types.entry(link_name(pkt.link)).or_default() += 1;
+        *r.link_types.entry(pkt.link).or_default() += 1;
         if pkt.link != r.burst_link || r.burst_meta.len() == REPLAY_BURST {
             r.flush()?;
             r.burst_link = pkt.link;
@@ -272,7 +272,11 @@ pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureErro
             .iter()
             .map(|v| (v.as_str(), c.verdict(*v)))
             .collect(),
-        link_types: r.link_types.clone(),
+        link_types: r
+            .link_types
+            .iter()
+            .map(|(l, n)| (link_name(*l), *n))
+            .collect(),
         table_occupancy: r.pipeline.table().len(),
         table_capacity: r.pipeline.table().capacity(),
         evictions: c.flows_evicted,
