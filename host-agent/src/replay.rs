@@ -8,8 +8,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use hw_sim::capture::{CaptureError, CaptureFormat, CaptureReader};
+use nic_firmware::parse::parse;
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
+use nic_firmware::{FlowTuple, LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
 use serde::Serialize;
 
 use crate::Error;
@@ -80,10 +81,10 @@ fn link_name(l: LinkType) -> String {
     }
 }
 
-/// Append one decision-log row.
-fn write_row(row: &mut String, index: u64, ts_ns: u64, d: &Decision) {
+/// Append one decision-log row; `tuple` is the packet's, if it parsed as IP.
+fn write_row(row: &mut String, index: u64, ts_ns: u64, tuple: Option<FlowTuple>, d: &Decision) {
     let _ = write!(row, "{index},{ts_ns},");
-    match &d.tuple {
+    match &tuple {
         Some(t) => {
             match t.proto {
                 ipproto::TCP => row.push_str("tcp"),
@@ -157,8 +158,13 @@ impl Replayer {
             .process_burst(self.burst_link, &pkts, &mut self.decisions);
         if let Some((w, path)) = &mut self.log {
             self.row.clear();
-            for (d, &(ts, ..)) in self.decisions.iter().zip(&self.burst_meta) {
-                write_row(&mut self.row, self.index, ts, d);
+            for (d, p) in self.decisions.iter().zip(&pkts) {
+                // The data plane's decision leaves the tuple out: parse it again here,
+                // off the fast path, only when a log is asked for.
+                let tuple = parse(self.burst_link, p.data, p.wire_len)
+                    .ok()
+                    .map(|parsed| parsed.tuple);
+                write_row(&mut self.row, self.index, p.ts_ns, tuple, d);
                 self.index += 1;
             }
             w.write_all(self.row.as_bytes())

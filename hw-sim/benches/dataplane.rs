@@ -12,6 +12,9 @@ use nic_firmware::pipeline::{Decision, Packet};
 use nic_firmware::rss::{MS_RSS_KEY, Toeplitz, toeplitz_reference};
 use nic_firmware::{Pipeline, PipelineConfig};
 
+#[global_allocator]
+static ALLOC: hw_sim::memory::HugePageAlloc = hw_sim::memory::HugePageAlloc;
+
 fn stages(c: &mut Criterion) {
     let w = FrameWindow::new(4096, 4096, Popularity::Uniform, 1).expect("window");
     let mut g = c.benchmark_group("stage");

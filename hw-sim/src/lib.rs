@@ -3,3 +3,4 @@
 
 pub mod capture;
 pub mod generate;
+pub mod memory;

@@ -112,7 +112,7 @@ impl FlowEntry {
 }
 
 /// A flow's endpoints in canonical order: both directions of a flow give one key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub addr_a: [u8; 16],
     pub addr_b: [u8; 16],
@@ -126,7 +126,10 @@ impl FlowKey {
     /// The key of a packet's flow, and whether the packet travels from A to B.
     #[inline]
     pub fn from_tuple(t: &FlowTuple) -> (FlowKey, bool) {
-        let a_to_b = (t.src, t.sport) <= (t.dst, t.dport);
+        // Byte-wise lexicographic order is big-endian integer order: one 128-bit
+        // compare instead of a byte loop.
+        let (src, dst) = (u128::from_be_bytes(t.src), u128::from_be_bytes(t.dst));
+        let a_to_b = src < dst || (src == dst && t.sport <= t.dport);
         let (addr_a, port_a, addr_b, port_b) = if a_to_b {
             (t.src, t.sport, t.dst, t.dport)
         } else {
@@ -173,8 +176,64 @@ impl FlowKey {
     }
 }
 
+/// The slots of a key's two buckets whose tags match, as read at one generation of
+/// the table (any change to a tag moves the generation on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidates {
+    m1: u8,
+    /// Not read yet: the second bucket is looked at only if the first has no match.
+    m2: Option<u8>,
+    generation: u32,
+}
+
+/// The slots of `tags` equal to `tag`, as a bitmask: one SSE2 compare (x86-64's
+/// baseline) of all eight 16-bit tags.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+fn tag_mask(tags: &[u16; SLOTS], tag: u16) -> u8 {
+    use core::arch::x86_64::{
+        _mm_cmpeq_epi16, _mm_loadu_si128, _mm_movemask_epi8, _mm_packs_epi16, _mm_set1_epi16,
+        _mm_setzero_si128,
+    };
+    // SAFETY: SSE2 is part of every x86-64 CPU, so these instructions exist wherever
+    // this code runs; the one load reads exactly the 16 bytes of `tags`, unaligned
+    // loads being what `_mm_loadu_si128` is for.
+    unsafe {
+        let v = _mm_loadu_si128(tags.as_ptr().cast());
+        let eq = _mm_cmpeq_epi16(v, _mm_set1_epi16(tag as i16));
+        // The saturating pack turns each 0xffff/0 lane into one 0xff/0 byte.
+        _mm_movemask_epi8(_mm_packs_epi16(eq, _mm_setzero_si128())) as u8
+    }
+}
+
+/// The slots of `tags` equal to `tag`, as a bitmask, for cores without SSE2.
+///
+/// SWAR over two 64-bit words of four 16-bit lanes: a lane of `tags ^ tag` is zero
+/// exactly where the tag matches, and `((x & 0x7fff) + 0x7fff) | x` sets a lane's top
+/// bit exactly where the lane is non-zero, with no carry between lanes.
+#[cfg(any(not(target_arch = "x86_64"), test))]
+#[inline(always)]
+fn tag_mask_swar(tags: &[u16; SLOTS], tag: u16) -> u8 {
+    const LOW: u64 = 0x7fff_7fff_7fff_7fff;
+    let lanes = |w: &[u16]| -> u8 {
+        let word = w
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, v)| acc | u64::from(*v) << (16 * i));
+        let x = word ^ (u64::from(tag) * 0x0001_0001_0001_0001);
+        let zero = !((((x & LOW) + LOW) | x) | LOW);
+        // Gather the lanes' top bits (15, 31, 47, 63) into bits 0..4.
+        ((((zero >> 15) & 0x0001_0001_0001_0001) * 0x0001_0002_0004_0008) >> 48) as u8
+    };
+    lanes(&tags[..4]) | lanes(&tags[4..]) << 4
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+use tag_mask_swar as tag_mask;
+
 /// Where a key lives: its hash's two candidate buckets and its tag.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Probe {
     pub b1: u32,
     pub b2: u32,
@@ -208,6 +267,8 @@ pub struct ConnTable {
     len: u32,
     seed: u64,
     stats: TableStats,
+    /// Moves on whenever a tag changes, so lookups can tell stale candidates.
+    generation: u32,
 }
 
 impl core::fmt::Debug for ConnTable {
@@ -258,6 +319,7 @@ impl ConnTable {
             len: 0,
             seed,
             stats: TableStats::default(),
+            generation: 0,
         }
     }
 
@@ -303,56 +365,107 @@ impl ConnTable {
         Probe { b1, b2, tag }
     }
 
-    /// Prefetch both candidate buckets' tags (first stage of a burst lookup).
+    /// Prefetch the tags of the key's first bucket (first stage of a burst lookup).
+    ///
+    /// Flows are placed in their first bucket whenever it has room, so most lookups
+    /// end there: the second bucket's tags are fetched only when the first holds no
+    /// candidate ([`prefetch_second`](Self::prefetch_second)), which saves a cache
+    /// miss on most packets of a table too large for the caches.
     #[inline(always)]
-    pub fn prefetch_tags(&self, p: &Probe) {
+    pub fn prefetch_first(&self, p: &Probe) {
         if let Some(t) = self.tags.get(p.b1 as usize) {
             prefetch(t);
         }
-        if let Some(t) = self.tags.get(p.b2 as usize) {
-            prefetch(t);
-        }
     }
 
-    /// Prefetch the entries whose tags match (second stage of a burst lookup).
+    /// Second stage: read the first bucket's tags; prefetch its matching entries, or,
+    /// if none match, the second bucket's tags.
     #[inline(always)]
-    pub fn prefetch_entries(&self, p: &Probe) {
-        for b in [p.b1, p.b2] {
-            let mut m = self.tag_matches(b, p.tag);
-            while m != 0 {
-                let i = b as usize * SLOTS + m.trailing_zeros() as usize;
-                if let Some(e) = self.entries.get(i) {
-                    prefetch(e);
-                }
-                m &= m - 1;
+    pub fn prefetch_second(&self, p: &Probe) -> Candidates {
+        let m1 = self.mask(p.b1, p.tag);
+        if m1 == 0 {
+            if let Some(t) = self.tags.get(p.b2 as usize) {
+                prefetch(t);
             }
+        } else {
+            self.prefetch_slots(p.b1, m1);
+        }
+        Candidates {
+            m1,
+            m2: None,
+            generation: self.generation,
+        }
+    }
+
+    /// Third stage, for keys whose first bucket had no candidate: read the second
+    /// bucket's tags and prefetch its matching entries.
+    #[inline(always)]
+    pub fn prefetch_third(&self, p: &Probe, c: &mut Candidates) {
+        if c.m1 == 0 && c.m2.is_none() {
+            let m2 = self.mask(p.b2, p.tag);
+            self.prefetch_slots(p.b2, m2);
+            c.m2 = Some(m2);
         }
     }
 
     #[inline(always)]
-    fn tag_matches(&self, b: u32, tag: u16) -> u32 {
-        let Some(t) = self.tags.get(b as usize) else {
-            return 0;
-        };
-        let mut m = 0u32;
-        for (i, v) in t.iter().enumerate() {
-            m |= u32::from(*v == tag) << i;
+    fn prefetch_slots(&self, b: u32, mut m: u8) {
+        while m != 0 {
+            if let Some(e) = self
+                .entries
+                .get(b as usize * SLOTS + m.trailing_zeros() as usize)
+            {
+                prefetch(e);
+            }
+            m &= m - 1;
         }
-        m
+    }
+
+    #[inline(always)]
+    fn mask(&self, b: u32, tag: u16) -> u8 {
+        self.tags.get(b as usize).map_or(0, |t| tag_mask(t, tag))
+    }
+
+    /// The slots of both candidate buckets whose tag is the probe's.
+    #[inline(always)]
+    pub fn candidates(&self, p: &Probe) -> Candidates {
+        Candidates {
+            m1: self.mask(p.b1, p.tag),
+            m2: Some(self.mask(p.b2, p.tag)),
+            generation: self.generation,
+        }
     }
 
     /// The slot holding `key`, if the flow is tracked.
     #[inline]
     pub fn find(&self, key: &FlowKey, p: &Probe) -> Option<u32> {
-        for b in [p.b1, p.b2] {
-            let mut m = self.tag_matches(b, p.tag);
-            while m != 0 {
-                let i = b as usize * SLOTS + m.trailing_zeros() as usize;
-                if self.entries.get(i).is_some_and(|e| e.matches(key)) {
-                    return Some(i as u32);
-                }
-                m &= m - 1;
+        self.find_among(key, p, self.candidates(p))
+    }
+
+    /// [`find`](Self::find) among candidates taken earlier; they are taken again if
+    /// the table's slots have changed since, and the second bucket's are taken now if
+    /// they were not then.
+    #[inline]
+    pub fn find_among(&self, key: &FlowKey, p: &Probe, c: Candidates) -> Option<u32> {
+        let c = if c.generation == self.generation {
+            c
+        } else {
+            self.candidates(p)
+        };
+        self.find_in(key, p.b1, c.m1).or_else(|| {
+            let m2 = c.m2.unwrap_or_else(|| self.mask(p.b2, p.tag));
+            self.find_in(key, p.b2, m2)
+        })
+    }
+
+    #[inline(always)]
+    fn find_in(&self, key: &FlowKey, b: u32, mut m: u8) -> Option<u32> {
+        while m != 0 {
+            let i = b as usize * SLOTS + m.trailing_zeros() as usize;
+            if self.entries.get(i).is_some_and(|e| e.matches(key)) {
+                return Some(i as u32);
             }
+            m &= m - 1;
         }
         None
     }
@@ -415,6 +528,7 @@ impl ConnTable {
         }
         let (b, i) = (slot as usize / SLOTS, slot as usize % SLOTS);
         self.tags[b][i] = 0;
+        self.generation = self.generation.wrapping_add(1);
         self.len -= 1;
         self.stats.removals += 1;
         Some(self.entries[slot as usize])
@@ -437,6 +551,7 @@ impl ConnTable {
         let (b, i) = (slot as usize / SLOTS, slot as usize % SLOTS);
         self.tags[b][i] = tag;
         self.entries[slot as usize] = entry;
+        self.generation = self.generation.wrapping_add(1);
     }
 
     fn free_slot(&self, b: u32) -> Option<u32> {
@@ -623,7 +738,40 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// A burst takes candidates for all its packets before steering any; a flow
+    /// inserted or removed in between must not be missed or found stale.
+    #[test]
+    fn candidates_taken_before_a_change_are_taken_again() {
+        let mut t = ConnTable::new(100, 3);
+        let (k, _) = FlowKey::from_tuple(&tuple(5));
+        let p = t.probe(&k);
+        let mut early = t.prefetch_second(&p);
+        t.prefetch_third(&p, &mut early);
+        let s = t.insert(entry_for(&k, 0), &p, 0).slot;
+        assert_eq!(t.find_among(&k, &p, early), Some(s));
+        let before_removal = t.prefetch_second(&p);
+        t.remove(s);
+        assert_eq!(t.find_among(&k, &p, before_removal), None);
+    }
+
     proptest! {
+        #[test]
+        fn tag_matches_agrees_with_a_compare_per_slot(
+            tags in proptest::array::uniform8(prop_oneof![Just(0u16), Just(7u16), Just(0x8007u16), any::<u16>()]),
+            tag in prop_oneof![Just(7u16), Just(0x8007u16), any::<u16>()],
+        ) {
+            let want = tags.iter().enumerate().fold(0u8, |m, (i, v)| m | u8::from(*v == tag) << i);
+            prop_assert_eq!(tag_mask(&tags, tag), want);
+            prop_assert_eq!(tag_mask_swar(&tags, tag), want);
+        }
+
+        #[test]
+        fn key_order_is_the_byte_order_of_the_tuple(src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), sport: u16, dport: u16, same in any::<bool>()) {
+            let dst = if same { src } else { dst };
+            let t = FlowTuple { src, dst, sport, dport, proto: 17, has_ports: true, ipv6: true };
+            prop_assert_eq!(FlowKey::from_tuple(&t).1, (src, sport) <= (dst, dport));
+        }
+
         #[test]
         fn table_agrees_with_a_set(ops in proptest::collection::vec((0u32..300, any::<bool>()), 1..600)) {
             let mut t = ConnTable::new(64, 11);
