@@ -61,6 +61,17 @@ fn be16(d: &[u8], at: usize) -> Option<u16> {
 /// the NIC needs are present.
 #[inline]
 pub fn parse(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdict> {
+    if link == LinkType::Ethernet
+        && let Some(p) = ethernet_ipv4_fast(data, wire_len)
+    {
+        return Ok(p);
+    }
+    parse_general(link, data, wire_len)
+}
+
+/// Every link type, tag stack, IP version, option and extension header, and every
+/// verdict.
+fn parse_general(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdict> {
     let (ethertype, l3) = match link {
         LinkType::Ethernet => ethernet(data)?,
         LinkType::RawIp => match data.first() {
@@ -111,6 +122,63 @@ pub fn parse(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdi
         ETHERTYPE_IPV6 => ipv6(l3_data, l3_wire),
         _ => Err(Verdict::NonIp),
     }
+}
+
+/// Bytes of an untagged Ethernet frame up to the end of an option-less IPv4 header
+/// and a TCP header without options (the largest fixed header the fast path reads).
+const FAST_HEADERS: usize = 14 + 20 + 20;
+
+/// The common case in one step: untagged Ethernet, IPv4 without options, not a
+/// fragment, TCP or UDP. One bounds check on a fixed-size header view replaces the
+/// general path's per-field checks. Anything else — including every malformed packet
+/// — returns `None` and takes the general path, which alone decides verdicts, so the
+/// two can never disagree on what is valid.
+#[inline(always)]
+fn ethernet_ipv4_fast(data: &[u8], wire_len: u32) -> Option<Parsed> {
+    let h: &[u8; FAST_HEADERS] = data.get(..FAST_HEADERS)?.try_into().ok()?;
+    if h[12..14] != ETHERTYPE_IPV4.to_be_bytes() || h[14] != 0x45 {
+        return None;
+    }
+    let total = u32::from(u16::from_be_bytes([h[16], h[17]]));
+    // Not a fragment (MF clear, offset 0), and a total length within the frame.
+    if h[20] & 0x3f != 0 || h[21] != 0 || total < 20 || total + 14 > wire_len {
+        return None;
+    }
+    let proto = h[23];
+    let l4 = &h[34..];
+    let payload = total - 20;
+    let tcp_flags = match proto {
+        ipproto::TCP => {
+            let doff = u32::from(l4[12] >> 4) * 4;
+            if doff < 20 || doff > payload {
+                return None;
+            }
+            l4[13]
+        }
+        ipproto::UDP => {
+            let len = u32::from(u16::from_be_bytes([l4[4], l4[5]]));
+            if len < 8 || len > payload {
+                return None;
+            }
+            0
+        }
+        _ => return None,
+    };
+    let mut tuple = FlowTuple {
+        proto,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        has_ports: true,
+        ..FlowTuple::default()
+    };
+    tuple.src[..4].copy_from_slice(&h[26..30]);
+    tuple.dst[..4].copy_from_slice(&h[30..34]);
+    Some(Parsed {
+        tuple,
+        tcp_flags,
+        ip_len: total,
+        fragment: false,
+    })
 }
 
 /// Ethernet II with up to [`MAX_VLAN_TAGS`] 802.1Q/802.1ad tags; returns the inner
@@ -546,6 +614,32 @@ mod tests {
             pkt[at] = val;
             pkt.truncate(cut.max(1).min(pkt.len()));
             let _ = parse(LinkType::Ethernet, &pkt, 1500);
+        }
+
+        /// The fast path accepts only what the general path accepts, with the same
+        /// result, on valid and damaged TCP and UDP frames alike.
+        #[test]
+        fn fast_path_agrees_with_the_general_path(udp in any::<bool>(), len in 0usize..40, at in 0usize..60, val in any::<u8>(), damage in any::<bool>(), cut in 40usize..120, wire_extra in 0u32..4) {
+            let mut pkt = if udp {
+                let mut v = std::vec::Vec::new();
+                PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(53, 4000).write(&mut v, &std::vec![0u8; len]).unwrap();
+                v
+            } else {
+                tcp4(&std::vec![0u8; len])
+            };
+            if damage {
+                let at = at % pkt.len();
+                pkt[at] = val;
+            }
+            let wire = pkt.len() as u32 + wire_extra;
+            pkt.truncate(cut.min(pkt.len()));
+            if let Some(fast) = ethernet_ipv4_fast(&pkt, wire) {
+                prop_assert_eq!(Ok(fast), parse_general(LinkType::Ethernet, &pkt, wire));
+            } else if !damage && cut >= 54 {
+                // An undamaged option-less frame with its headers captured always
+                // takes the fast path.
+                prop_assert!(pkt.len() < FAST_HEADERS, "fast path refused a valid frame");
+            }
         }
 
         /// Differential check against etherparse on packets it builds.
