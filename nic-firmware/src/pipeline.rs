@@ -474,7 +474,7 @@ impl Pipeline {
     fn burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
         let mut work = core::mem::take(&mut self.work);
         for (w, pkt) in work.iter_mut().zip(pkts) {
-            match parse(link, pkt.data, pkt.wire_len) {
+            match &parse(link, pkt.data, pkt.wire_len) {
                 Ok(p) => {
                     w.rss = self.rss.hash_tuple(&p.tuple);
                     (w.key, w.a_to_b) = FlowKey::from_tuple(&p.tuple);
@@ -484,7 +484,7 @@ impl Pipeline {
                     w.tcp_flags = p.tcp_flags;
                     w.verdict = Verdict::Forward;
                 }
-                Err(v) => w.verdict = v,
+                Err(v) => w.verdict = *v,
             }
         }
         for w in &mut work[..pkts.len()] {
