@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, nic_config, replay};
+use crate::{Error, bench, flows, nic_config, replay};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -30,6 +30,19 @@ pub enum Command {
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the NIC's flow feature records of a capture as CSV: one row per flow with
+    /// its tuple, its packets and the profiler's input vector of its first N packets.
+    Features {
+        /// Capture to read (pcap or pcapng).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// CSV file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// N: packets the NIC describes one by one in a flow's first record (1-16).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=16))]
+        packets: u8,
     },
     /// Measure parts of the product.
     Bench {
@@ -71,6 +84,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let config = nic_config::load(config.as_deref())?;
             replay::run(&pcap, config, decisions.as_deref(), json)
+        }
+        Command::Features { pcap, out, packets } => {
+            let flows = flows::write_features(&pcap, &out, packets)?;
+            eprintln!("{flows} flows written to {}", out.display());
+            Ok(())
         }
         Command::Bench {
             what:

@@ -3,10 +3,12 @@
 //! - [`nic_config`]: the NIC's data-plane configuration from TOML, with the embedded default.
 //! - [`replay`]: push a capture through the emulated NIC's data plane and report.
 //! - [`bench`]: the data plane's fast path on synthetic traffic.
+//! - [`flows`]: a capture's flows as the NIC reports them, and their feature CSV.
 //! - [`cli`]: the `flowshard` commands.
 
 pub mod bench;
 pub mod cli;
+pub mod flows;
 pub mod nic_config;
 pub mod replay;
 
