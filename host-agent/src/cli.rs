@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, flows, nic_config, replay};
+use crate::{Error, bench, classify, flows, nic_config, replay};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -43,6 +43,20 @@ pub enum Command {
         /// N: packets the NIC describes one by one in a flow's first record (1-16).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=16))]
         packets: u8,
+    },
+    /// Classify every flow of a capture: the NIC pipeline with the profiler's tables,
+    /// and the profiler model on ONNX Runtime. One row per flow.
+    Classify {
+        /// Capture to classify (pcap or pcapng).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// ONNX model (the built-in one without it); its NIC tables are read from the
+        /// `.trees.json` file beside it, when there is one.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// One JSON object per flow and line.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure parts of the product.
     Bench {
@@ -90,6 +104,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             eprintln!("{flows} flows written to {}", out.display());
             Ok(())
         }
+        Command::Classify { pcap, model, json } => classify::run(&pcap, model.as_deref(), json),
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

@@ -12,7 +12,7 @@ use std::path::Path;
 use hdl_bindings::telemetry::{FeatureRecord, RecordKind};
 use hw_sim::capture::{CaptureError, CaptureReader};
 use nic_firmware::pipeline::Packet;
-use nic_firmware::profile::{FEATURE_NAMES, features};
+use nic_firmware::profile::{ClassifierTables, FEATURE_NAMES, features};
 use nic_firmware::{FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
 
 use crate::Error;
@@ -27,7 +27,7 @@ pub struct Flow {
     pub first: FeatureRecord,
     /// Packets of the flow, both directions, over all its records.
     pub packets: u64,
-    /// Class the NIC gave the flow (its tables or the host's push-down), if any.
+    /// Class the NIC had given the flow by its first record (its own tables), if any.
     pub nic_class: Option<nic_firmware::Class>,
 }
 
@@ -109,7 +109,7 @@ impl Collector {
                 self.flows.push(Flow {
                     first: r,
                     packets: 0,
-                    nic_class: None,
+                    nic_class: nic_firmware::Class::from_index(r.class),
                 });
                 let i = self.flows.len() - 1;
                 self.live.insert(id, i);
@@ -119,9 +119,6 @@ impl Collector {
         };
         let f = &mut self.flows[i];
         f.packets += u64::from(r.packets);
-        if let Some(c) = nic_firmware::Class::from_index(r.class) {
-            f.nic_class = Some(c);
-        }
         if r.kind == RecordKind::End {
             self.live.remove(&id);
         }
@@ -129,18 +126,23 @@ impl Collector {
     }
 }
 
-/// Run a capture through a pipeline built from `config` and return its flows in the
-/// order the NIC first reported them. `on_early` sees the pipeline and the flows after
+/// Run a capture through a pipeline built from `config` (with the profiler's `tables`
+/// loaded, if given) and return its flows in the order the NIC first reported them.
+/// `on_early` sees the pipeline and the flows after
 /// every burst that opened flows, with the indices of those flows, while the flows are
 /// still live on the NIC (the profiler classifies them there and pushes the class down).
 /// A capture that ends in an error yields the flows before it and the error.
 pub fn collect(
     pcap: &Path,
     config: &PipelineConfig,
+    tables: Option<ClassifierTables>,
     mut on_early: impl FnMut(&mut Pipeline, &mut [Flow], &[usize]) -> Result<(), Error>,
 ) -> Result<(Vec<Flow>, Option<CaptureError>), Error> {
     let mut reader = CaptureReader::open(pcap)?;
     let mut pipeline = Pipeline::new(config).map_err(|e| Error::Usage(e.to_string()))?;
+    pipeline
+        .load_classifier(tables)
+        .map_err(|e| Error::Usage(e.to_string()))?;
     let mut flows = Collector::default();
     let mut data: Vec<u8> = Vec::with_capacity(BURST * 2048);
     let mut meta: Vec<(u64, usize, usize, u32)> = Vec::with_capacity(BURST);
@@ -221,7 +223,7 @@ pub fn write_features(pcap: &Path, out: &Path, packets: u8) -> Result<usize, Err
         feature_packets: packets,
         ..PipelineConfig::default()
     };
-    let (flows, capture_error) = collect(pcap, &config, |_, _, _| Ok(()))?;
+    let (flows, capture_error) = collect(pcap, &config, None, |_, _, _| Ok(()))?;
     let io = |source: std::io::Error| Error::Io {
         what: format!("writing {}", out.display()),
         source,

@@ -8,9 +8,11 @@
 //! model file given on the command line replaces it.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use nic_firmware::Class;
 use nic_firmware::profile::{ClassifierTables, FEATURE_NAMES, FEATURES, Forest, Node};
+use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
@@ -54,6 +56,23 @@ pub fn library_path() -> PathBuf {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => data_dir().join(LIBRARY_IN_DATA),
     }
+}
+
+/// The process's one ONNX Runtime environment, created with the first profiler.
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+
+fn environment(library: &Path) -> Result<&'static Environment, String> {
+    static CREATING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let env = ort::init_from(library)
+        .map_err(|e| e.to_string())?
+        .with_name("flowshard")
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(ENVIRONMENT.get_or_init(|| env))
 }
 
 /// A loaded model: classifies batches of input vectors.
@@ -101,14 +120,14 @@ impl Profiler {
             path: library.to_owned(),
             message,
         };
-        // Sessions take ort's default environment; the builder only loads the library.
-        drop(ort::init_from(library).map_err(|e| lib_err(e.to_string()))?);
+        let env = environment(library).map_err(lib_err)?;
         let model_err = |message: String| ProfilerError::Model {
             what: what.clone(),
             message,
         };
-        let session = Session::builder()
-            .and_then(|b| b.with_intra_threads(1))
+        let session = Session::builder(env)
+            .map_err(|e| lib_err(e.to_string()))?
+            .with_intra_threads(1)
             .and_then(|b| b.with_inter_threads(1))
             .map_err(|e| lib_err(e.to_string()))?
             .commit_from_memory(model_bytes)
