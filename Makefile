@@ -21,6 +21,7 @@ run: build
 	@echo "decision log: target/decisions.csv"
 
 test: setup
+	cd models && sha256sum -c --quiet profiler.sha256
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked --workspace --release

@@ -11,7 +11,12 @@ use flowshard::profiler::{self, Profiler};
 use nic_firmware::PipelineConfig;
 use nic_firmware::profile::{FEATURES, features};
 
-const CAPTURES: [&str; 4] = ["netflix.pcap", "skype.pcap", "bittorrent.pcap", "facebook.pcap"];
+const CAPTURES: [&str; 4] = [
+    "netflix.pcap",
+    "skype.pcap",
+    "bittorrent.pcap",
+    "facebook.pcap",
+];
 
 /// Input vectors of the flows of a few real captures, at the model's N.
 fn real_vectors(packets: u8) -> Vec<[u32; FEATURES]> {

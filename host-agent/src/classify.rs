@@ -10,8 +10,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use nic_firmware::profile::{FEATURES, features};
 use nic_firmware::PipelineConfig;
+use nic_firmware::profile::{FEATURES, features};
 use serde::Serialize;
 
 use crate::Error;
@@ -45,18 +45,25 @@ pub struct ClassifySummary {
     pub packets: u8,
 }
 
+/// Every flow of a capture with the model's verdict (none without a profiler).
+#[derive(Debug)]
+pub struct Classified {
+    pub flows: Vec<Flow>,
+    pub verdicts: Vec<Option<Verdict>>,
+    pub summary: ClassifySummary,
+}
+
 /// The trees file beside a model file (`x.onnx` → `x.trees.json`).
 fn trees_beside(model: &Path) -> PathBuf {
     model.with_extension("trees.json")
 }
 
-/// Classify every flow of a capture. Returns the flows with the model's verdicts (none
-/// without a profiler) and the summary.
+/// Classify every flow of a capture.
 pub fn classify(
     pcap: &Path,
     mut profiler: Option<&mut Profiler>,
     tables: Option<nic_firmware::profile::ClassifierTables>,
-) -> Result<(Vec<Flow>, Vec<Option<Verdict>>, ClassifySummary), Error> {
+) -> Result<Classified, Error> {
     let packets = profiler
         .as_ref()
         .map(|p| p.packets())
@@ -70,29 +77,32 @@ pub fn classify(
     let mut batch: Vec<[u32; FEATURES]> = Vec::new();
     let mut out = Vec::new();
     let mut pushed = 0;
-    let (flows, capture_error) = flows::collect(pcap, &config, tables, |pipeline, flows, opened| {
-        let Some(p) = profiler.as_deref_mut() else {
-            return Ok(());
-        };
-        batch.clear();
-        batch.extend(opened.iter().map(|&i| features(&flows[i].first)));
-        out.clear();
-        p.classify(&batch, &mut out)?;
-        for (&i, v) in opened.iter().zip(&out) {
-            if verdicts.len() <= i {
-                verdicts.resize(i + 1, None);
+    let (flows, capture_error) =
+        flows::collect(pcap, &config, tables, |pipeline, flows, opened| {
+            let Some(p) = profiler.as_deref_mut() else {
+                return Ok(());
+            };
+            batch.clear();
+            batch.extend(opened.iter().map(|&i| features(&flows[i].first)));
+            out.clear();
+            p.classify(&batch, &mut out)?;
+            for (&i, v) in opened.iter().zip(&out) {
+                if verdicts.len() <= i {
+                    verdicts.resize(i + 1, None);
+                }
+                verdicts[i] = Some(*v);
+                if pipeline.set_flow_class(&flows[i].tuple(), v.class) {
+                    pushed += 1;
+                }
             }
-            verdicts[i] = Some(*v);
-            if pipeline.set_flow_class(&flows[i].tuple(), v.class) {
-                pushed += 1;
-            }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })?;
     verdicts.resize(flows.len(), None);
     // Flows that ended before their N-th packet are classified from their end record.
-    if let Some(p) = profiler.as_deref_mut() {
-        let late: Vec<usize> = (0..flows.len()).filter(|i| verdicts[*i].is_none()).collect();
+    if let Some(p) = profiler {
+        let late: Vec<usize> = (0..flows.len())
+            .filter(|i| verdicts[*i].is_none())
+            .collect();
         batch.clear();
         batch.extend(late.iter().map(|&i| features(&flows[i].first)));
         out.clear();
@@ -115,7 +125,11 @@ pub fn classify(
     }
     match capture_error {
         Some(e) => Err(e.into()),
-        None => Ok((flows, verdicts, s)),
+        None => Ok(Classified {
+            flows,
+            verdicts,
+            summary: s,
+        }),
     }
 }
 
@@ -137,13 +151,17 @@ pub fn run(pcap: &Path, model: Option<&Path>, json: bool) -> Result<(), Error> {
         },
     };
     let sizes = tables.as_ref().map(|t| t.sizes());
-    let (flows, verdicts, s) = classify(pcap, profiler.as_mut(), tables)?;
+    let Classified {
+        flows,
+        verdicts,
+        summary: s,
+    } = classify(pcap, profiler.as_mut(), tables)?;
     let mut text = String::new();
     if !json {
         let _ = writeln!(
             text,
-            "{:<6} {:<45} {:<45} {:>8}  {:<10} {}",
-            "proto", "src", "dst", "packets", "class", "confidence"
+            "{:<6} {:<45} {:<45} {:>8}  {:<10} confidence",
+            "proto", "src", "dst", "packets", "class"
         );
     }
     for (f, v) in flows.iter().zip(&verdicts) {

@@ -229,7 +229,8 @@ pub fn write_features(pcap: &Path, out: &Path, packets: u8) -> Result<usize, Err
         source,
     };
     let mut w = csv::Writer::from_path(out).map_err(|e| io(e.into()))?;
-    w.write_record(features_header()).map_err(|e| io(e.into()))?;
+    w.write_record(features_header())
+        .map_err(|e| io(e.into()))?;
     for f in &flows {
         let mut row = vec![
             f.client().to_string(),

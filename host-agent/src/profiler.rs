@@ -99,9 +99,9 @@ impl Profiler {
         let (what, model_bytes): (String, &[u8]) = match model {
             Some(p) => {
                 bytes = std::fs::read(p).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => ProfilerError::ModelMissing {
-                        path: p.to_owned(),
-                    },
+                    std::io::ErrorKind::NotFound => {
+                        ProfilerError::ModelMissing { path: p.to_owned() }
+                    }
                     _ => ProfilerError::Model {
                         what: p.display().to_string(),
                         message: e.to_string(),
@@ -125,11 +125,14 @@ impl Profiler {
             what: what.clone(),
             message,
         };
-        let session = Session::builder(env)
-            .map_err(|e| lib_err(e.to_string()))?
+        let builder = Session::builder(env).map_err(|e| lib_err(e.to_string()))?;
+        let builder = builder
             .with_intra_threads(1)
-            .and_then(|b| b.with_inter_threads(1))
-            .map_err(|e| lib_err(e.to_string()))?
+            .map_err(|e| lib_err(e.to_string()))?;
+        let mut builder = builder
+            .with_inter_threads(1)
+            .map_err(|e| lib_err(e.to_string()))?;
+        let session = builder
             .commit_from_memory(model_bytes)
             .map_err(|e| model_err(e.to_string()))?;
         let meta = session.metadata().map_err(|e| model_err(e.to_string()))?;
@@ -177,8 +180,8 @@ impl Profiler {
         self.input
             .extend(batch.iter().flat_map(|x| x.iter().map(|v| *v as f32)));
         let err = |e: ort::Error| ProfilerError::Inference(e.to_string());
-        let tensor = TensorRef::from_array_view(([batch.len(), FEATURES], &self.input[..]))
-            .map_err(err)?;
+        let tensor =
+            TensorRef::from_array_view(([batch.len(), FEATURES], &self.input[..])).map_err(err)?;
         let outputs = self
             .session
             .run(ort::inputs!["features" => tensor])
@@ -260,21 +263,29 @@ pub fn nic_tables(trees: Option<&Path>) -> Result<ClassifierTables, ProfilerErro
     };
     for (t, a) in file.trees.iter().enumerate() {
         let n = a.feature.len();
-        if [a.threshold.len(), a.left.len(), a.right.len(), a.scores.len()] != [n; 4] {
+        if [
+            a.threshold.len(),
+            a.left.len(),
+            a.right.len(),
+            a.scores.len(),
+        ] != [n; 4]
+        {
             return Err(err(format!("tree {t}: node arrays of different lengths")));
         }
         let nodes = (0..n)
-            .map(|i| match (u32::try_from(a.left[i]), u32::try_from(a.right[i])) {
-                (Ok(left), Ok(right)) => Node::Split {
-                    feature: a.feature[i],
-                    threshold: a.threshold[i],
-                    left,
-                    right,
+            .map(
+                |i| match (u32::try_from(a.left[i]), u32::try_from(a.right[i])) {
+                    (Ok(left), Ok(right)) => Node::Split {
+                        feature: a.feature[i],
+                        threshold: a.threshold[i],
+                        left,
+                        right,
+                    },
+                    _ => Node::Leaf {
+                        scores: a.scores[i],
+                    },
                 },
-                _ => Node::Leaf {
-                    scores: a.scores[i],
-                },
-            })
+            )
             .collect();
         forest.trees.push(nodes);
     }
