@@ -52,7 +52,7 @@ PROTO_NUMBERS = {"ICMP": 1, "IGMP": 2, "TCP": 6, "UDP": 17, "GRE": 47, "ESP": 50
 FLOW_LINE = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+<?->\s+(\S+)\s+\[proto:")
 CATEGORY = re.compile(r"\[cat: ([^/\]]+)/")
 # Model size: bounded so the NIC tables stay small and inference fast.
-FOREST = dict(n_estimators=32, max_depth=12, min_samples_leaf=2, max_features="sqrt",
+FOREST = dict(n_estimators=24, max_depth=10, min_samples_leaf=2, max_features="sqrt",
               class_weight="balanced_subsample", random_state=7, n_jobs=1)
 SCORE_ONE = 1 << 15
 VALIDATION_PACKETS = [4, 8, 12, 16]

@@ -180,6 +180,8 @@ pub struct Pipeline {
     fallback: Vec<u16>,
     class_group: [u8; Class::COUNT],
     classifier: Option<ClassifierTables>,
+    /// The classifier's leaf-set registers.
+    classifier_scratch: Vec<u64>,
     config: PipelineConfig,
     stages: Vec<Stage>,
     free_stages: Vec<u16>,
@@ -282,6 +284,7 @@ impl Pipeline {
             fallback: Vec::new(),
             class_group,
             classifier: None,
+            classifier_scratch: Vec::new(),
             config: config.clone(),
             stages: vec![Stage::default(); slots],
             free_stages: (0..slots as u16).rev().collect(),
@@ -873,7 +876,8 @@ impl Pipeline {
                     if let Some(t) = &self.classifier
                         && e.class == UNCLASSIFIED
                     {
-                        let (class, _) = t.classify(&features(&r));
+                        let (class, _) =
+                            t.classify_with(&features(&r), &mut self.classifier_scratch);
                         Self::recount_class(&mut self.counters, e.class, class as u8);
                         e.class = class as u8;
                         r.class = e.class;

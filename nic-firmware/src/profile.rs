@@ -240,6 +240,8 @@ pub struct ClassifierTables {
     /// Per tree: first leaf (global leaf index) and words of its bit vectors.
     tree_leaf_base: Vec<u32>,
     tree_words: Vec<u16>,
+    /// Per tree, where its leaf-set words start among all trees' (and the total last).
+    tree_offsets: Vec<usize>,
     vectors: Vec<u64>,
     /// Code table: class scores per global leaf.
     scores: Vec<[u16; Class::COUNT]>,
@@ -354,11 +356,19 @@ impl ClassifierTables {
             });
         }
         sizes.bytes += vectors.len() * 8 + scores.len() * Class::COUNT * 2;
+        let mut tree_offsets = Vec::with_capacity(tree_words.len() + 1);
+        let mut at = 0;
+        for w in &tree_words {
+            tree_offsets.push(at);
+            at += usize::from(*w);
+        }
+        tree_offsets.push(at);
         Ok(ClassifierTables {
             packets: forest.packets,
             ranges,
             tree_leaf_base,
             tree_words,
+            tree_offsets,
             vectors,
             scores,
             sizes,
@@ -434,14 +444,17 @@ impl ClassifierTables {
     /// Classify one input vector: the class with the highest summed score (the lowest
     /// class index on a tie, as ONNX Runtime's argmax) and that score's share of the total.
     pub fn classify(&self, x: &[u32; FEATURES]) -> (Class, f32) {
+        self.classify_with(x, &mut Vec::new())
+    }
+
+    /// [`ClassifierTables::classify`] with the leaf-set registers in `scratch`, so a
+    /// caller that classifies many flows allocates them once.
+    pub fn classify_with(&self, x: &[u32; FEATURES], scratch: &mut Vec<u64>) -> (Class, f32) {
         let trees = self.tree_words.len();
-        let mut leaf_sets: Vec<u64> = Vec::new();
-        let mut offsets = Vec::with_capacity(trees + 1);
-        for w in &self.tree_words {
-            offsets.push(leaf_sets.len());
-            leaf_sets.extend(core::iter::repeat_n(u64::MAX, usize::from(*w)));
-        }
-        offsets.push(leaf_sets.len());
+        let offsets = &self.tree_offsets;
+        scratch.clear();
+        scratch.resize(offsets[trees], u64::MAX);
+        let leaf_sets = scratch;
         for r in &self.ranges {
             let k = r.points.partition_point(|p| *p < x[r.feature]);
             let codes = &r.codes[k * r.users.len()..(k + 1) * r.users.len()];
