@@ -6,7 +6,7 @@ export FLOWSHARD_DATA := $(DATA)
 DEMO_PCAP ?= $(DATA)/ndpi/pcap/netflix.pcap
 CARGO ?= cargo
 
-.PHONY: setup build run test bench
+.PHONY: setup build run test bench model
 
 setup:
 	bash scripts/setup.sh
@@ -21,11 +21,22 @@ run: build
 	@echo "decision log: target/decisions.csv"
 
 test: setup
+	cd models && sha256sum -c --quiet profiler.sha256
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked --workspace --release
+
+# Rebuild the flow profiler from the training captures: features by `flowshard features`,
+# labels from nDPI, by-capture validation, ONNX + NIC tables + card metrics + checksums.
+model: build
+	test -x $(DATA)/venv/bin/python || python3 -m venv $(DATA)/venv
+	$(DATA)/venv/bin/pip install -q -r models/requirements.txt
+	$(DATA)/venv/bin/python models/train_profiler.py --flowshard target/release/flowshard \
+		--data $(DATA) --captures data/ndpi-train-pcaps.txt --out models
+	cd models && sha256sum -c profiler.sha256
 
 bench: build
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000 --zipf 1.1
 	$(CARGO) bench -p hw-sim --bench dataplane
+	$(CARGO) bench -p flowshard --bench profiler

@@ -10,6 +10,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 dpkg -s dpkg-dev >/dev/null 2>&1 || need+=(dpkg-dev)     # apt-get source (data fetch)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)   # make model
 if ((${#need[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q
@@ -23,3 +25,24 @@ fi
 
 # Real captures (nDPI's test set, training list only) and load series, cached outside the repo.
 bash "$here/fetch-data.sh"
+
+# ONNX Runtime for the profiler, taken from the onnxruntime wheel (the version pinned in
+# models/requirements.txt): the agent loads it at run time.
+D=${FLOWSHARD_DATA:-$HOME/.cache/flowshard-data}
+ort_version=$(sed -n 's/^onnxruntime==//p' "$here/../models/requirements.txt")
+if [ ! -f "$D/onnxruntime/.version-$ort_version" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary :all: -d "$tmp" "onnxruntime==$ort_version"
+  python3 - "$tmp"/onnxruntime-*.whl "$D/onnxruntime" <<'PY'
+import os, sys, zipfile
+whl, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+with zipfile.ZipFile(whl) as z:
+    lib = next(n for n in z.namelist() if "/capi/libonnxruntime.so" in n)
+    with open(os.path.join(out, "libonnxruntime.so"), "wb") as f:
+        f.write(z.read(lib))
+PY
+  rm -rf "$tmp" "$D"/onnxruntime/.version-*
+  touch "$D/onnxruntime/.version-$ort_version"
+fi
+echo "  onnxruntime $ort_version: $D/onnxruntime/libonnxruntime.so"

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, nic_config, replay};
+use crate::{Error, bench, classify, flows, nic_config, replay};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -28,6 +28,33 @@ pub enum Command {
         #[arg(long)]
         decisions: Option<PathBuf>,
         /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the NIC's flow feature records of a capture as CSV: one row per flow with
+    /// its tuple, its packets and the profiler's input vector of its first N packets.
+    Features {
+        /// Capture to read (pcap or pcapng).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// CSV file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// N: packets the NIC describes one by one in a flow's first record (1-16).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=16))]
+        packets: u8,
+    },
+    /// Classify every flow of a capture: the NIC pipeline with the profiler's tables,
+    /// and the profiler model on ONNX Runtime. One row per flow.
+    Classify {
+        /// Capture to classify (pcap or pcapng).
+        #[arg(long)]
+        pcap: PathBuf,
+        /// ONNX model (the built-in one without it); its NIC tables are read from the
+        /// `.trees.json` file beside it, when there is one.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// One JSON object per flow and line.
         #[arg(long)]
         json: bool,
     },
@@ -72,6 +99,12 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let config = nic_config::load(config.as_deref())?;
             replay::run(&pcap, config, decisions.as_deref(), json)
         }
+        Command::Features { pcap, out, packets } => {
+            let flows = flows::write_features(&pcap, &out, packets)?;
+            eprintln!("{flows} flows written to {}", out.display());
+            Ok(())
+        }
+        Command::Classify { pcap, model, json } => classify::run(&pcap, model.as_deref(), json),
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

@@ -19,6 +19,7 @@
 //! - [`conntable`]: the bidirectional connection table (bucketized cuckoo, 64-byte entries).
 //! - [`placement`]: weighted consistent (Maglev-style) placement of buckets with minimal disruption.
 //! - [`pipeline`]: steering, flowlet sharding, ageing, counters and feature records.
+//! - [`profile`]: the profiler's input vector and its tree ensemble as NIC tables.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod conntable;
 pub mod parse;
 pub mod pipeline;
 pub mod placement;
+pub mod profile;
 pub mod rss;
 
 pub use config::{ClassPolicy, ConfigError, NodeConfig, NodeState, PipelineConfig, Timeouts};

@@ -29,6 +29,7 @@ use crate::config::{ConfigError, MAX_TIMEOUT_MS, NodeConfig, NodeState, Pipeline
 use crate::conntable::{Candidates, ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag};
 use crate::parse::{LinkType, parse};
 use crate::placement::{Target, maglev_table};
+use crate::profile::{ClassifierTables, features};
 use crate::rss::Toeplitz;
 use crate::{Class, Verdict, ipproto};
 
@@ -140,6 +141,12 @@ pub struct Counters {
     pub feature_slots_exhausted: u64,
     /// Packets whose timestamp went backwards; NIC time stays monotonic.
     pub ts_backwards: u64,
+    /// Flows the NIC's own classifier tables classified at their N-th packet.
+    pub flows_classified_on_nic: u64,
+    /// Class assignments pushed down by the host.
+    pub class_pushes: u64,
+    /// Pushed class assignments whose flow had already ended.
+    pub class_pushes_missed: u64,
 }
 
 impl Counters {
@@ -176,6 +183,9 @@ pub struct Pipeline {
     node_weight: Vec<u32>,
     fallback: Vec<u16>,
     class_group: [u8; Class::COUNT],
+    classifier: Option<ClassifierTables>,
+    /// The classifier's leaf-set registers.
+    classifier_scratch: Vec<u64>,
     config: PipelineConfig,
     stages: Vec<Stage>,
     free_stages: Vec<u16>,
@@ -300,6 +310,8 @@ impl Pipeline {
             node_weight,
             fallback: Vec::new(),
             class_group,
+            classifier: None,
+            classifier_scratch: Vec::new(),
             config: config.clone(),
             stages: vec![Stage::default(); slots],
             free_stages: (0..slots as u16).rev().collect(),
@@ -414,6 +426,56 @@ impl Pipeline {
         *s = state;
         self.rebuild_fallback();
         Ok(())
+    }
+
+    /// Load (or with `None` remove) the profiler's tree tables: from then on the NIC
+    /// classifies each new flow itself at its N-th packet, without the host. The
+    /// tables' N must be the image's `feature_packets`, as that is the packet whose
+    /// feature record they read. Flows classified already keep their class.
+    pub fn load_classifier(&mut self, tables: Option<ClassifierTables>) -> Result<(), ConfigError> {
+        if let Some(t) = &tables
+            && t.packets() != self.config.feature_packets
+        {
+            return Err(ConfigError::Invalid {
+                key: "classifier.packets",
+                why: "the classifier's N differs from the image's feature_packets",
+            });
+        }
+        self.classifier = tables;
+        Ok(())
+    }
+
+    pub fn classifier(&self) -> Option<&ClassifierTables> {
+        self.classifier.as_ref()
+    }
+
+    /// The host's class for a live flow (either direction's tuple): its class policy
+    /// applies from its next flowlet on, and the per-class counters move it to the new
+    /// class. Returns false, counted, when the flow has already ended.
+    pub fn set_flow_class(&mut self, tuple: &FlowTuple, class: Class) -> bool {
+        let (key, _) = FlowKey::from_tuple(tuple);
+        let probe = self.table.probe(&key);
+        let found = self
+            .table
+            .find(&key, &probe)
+            .and_then(|slot| self.table.entry_mut(slot));
+        let Some(e) = found else {
+            self.counters.class_pushes_missed += 1;
+            return false;
+        };
+        let old = core::mem::replace(&mut e.class, class as u8);
+        self.counters.class_pushes += 1;
+        Self::recount_class(&mut self.counters, old, class as u8);
+        true
+    }
+
+    /// Move one flow from `old`'s flow count to `new`'s.
+    fn recount_class(c: &mut Counters, old: u8, new: u8) {
+        if old != new {
+            let from = &mut c.classes[Self::class_slot(old)].flows;
+            *from = from.saturating_sub(1);
+            c.classes[Self::class_slot(new)].flows += 1;
+        }
     }
 
     fn rebuild_fallback(&mut self) {
@@ -838,7 +900,18 @@ impl Pipeline {
                     st.flags_server |= f;
                 }
                 if st.n >= n_max {
-                    self.export(e, RecordKind::Early, EndReason::None);
+                    let mut r = self.record(e, RecordKind::Early, EndReason::None);
+                    if let Some(t) = &self.classifier
+                        && e.class == UNCLASSIFIED
+                    {
+                        let (class, _) =
+                            t.classify_with(&features(&r), &mut self.classifier_scratch);
+                        Self::recount_class(&mut self.counters, e.class, class as u8);
+                        e.class = class as u8;
+                        r.class = e.class;
+                        self.counters.flows_classified_on_nic += 1;
+                    }
+                    self.push_record(r);
                     self.free_stages.push(e.feature_slot - 1);
                     e.feature_slot = 0;
                 }
@@ -879,6 +952,12 @@ impl Pipeline {
 
     /// Write a feature record of `e` (and of its staging, while it has one).
     fn export(&mut self, e: &FlowEntry, kind: RecordKind, end_reason: EndReason) {
+        let r = self.record(e, kind, end_reason);
+        self.push_record(r);
+    }
+
+    /// The feature record of `e` (and of its staging, while it has one).
+    fn record(&self, e: &FlowEntry, kind: RecordKind, end_reason: EndReason) -> FeatureRecord {
         let a_client = e.flags & flag::A_IS_CLIENT != 0;
         let (client_addr, client_port, server_addr, server_port) = if a_client {
             (e.addr_a, e.port_a, e.addr_b, e.port_b)
@@ -945,7 +1024,7 @@ impl Pipeline {
                     0
                 };
         }
-        self.push_record(r);
+        r
     }
 }
 
@@ -1235,6 +1314,103 @@ mod tests {
         assert_eq!(v, [Verdict::TruncatedL3, Verdict::NonIp, Verdict::Forward]);
         assert_eq!(p.counters().packets(), 3);
         assert_eq!(p.counters().verdict(Verdict::TruncatedL3), 1);
+    }
+
+    /// One tree: server port 80 → bulk, anything else → web.
+    fn port_tree(packets: u8) -> crate::profile::ClassifierTables {
+        use crate::profile::{ClassifierTables, Forest, Node, SCORE_ONE};
+        let leaf = |c: Class| {
+            let mut scores = [0; Class::COUNT];
+            scores[c as usize] = SCORE_ONE;
+            Node::Leaf { scores }
+        };
+        ClassifierTables::compile(&Forest {
+            packets,
+            trees: std::vec![std::vec![
+                Node::Split {
+                    feature: 2,
+                    threshold: 80,
+                    left: 1,
+                    right: 2
+                },
+                Node::Split {
+                    feature: 2,
+                    threshold: 79,
+                    left: 3,
+                    right: 4
+                },
+                leaf(Class::Web),
+                leaf(Class::Web),
+                leaf(Class::Bulk),
+            ]],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn nic_tables_classify_at_the_nth_packet_and_the_policy_follows() {
+        let mut cfg = small();
+        cfg.feature_packets = 4;
+        cfg.class_policies.push(ClassPolicy {
+            class: Class::Bulk,
+            group: 4,
+        });
+        let mut p = Pipeline::new(&cfg).unwrap();
+        assert!(
+            p.load_classifier(Some(port_tree(8))).is_err(),
+            "N must match"
+        );
+        p.load_classifier(Some(port_tree(4))).unwrap();
+        let gap = u64::from(cfg.flowlet_gap_us) * 1_000 + 1_000;
+        let mut classes = StdVec::new();
+        for i in 0..4u64 {
+            classes.push(send(&mut p, i * 10_000, &tcp(9, i % 2 == 1, 0, 100)).class);
+        }
+        assert_eq!(
+            &classes[..3],
+            &[UNCLASSIFIED; 3],
+            "unclassified before packet N"
+        );
+        assert_eq!(classes[3], Class::Bulk as u8, "classified at packet N");
+        let rec: StdVec<_> = p.drain_records().collect();
+        assert_eq!((rec.len(), rec[0].class), (1, Class::Bulk as u8));
+        assert_eq!(p.counters().flows_classified_on_nic, 1);
+        assert_eq!(p.counters().classes[Class::Bulk as usize].flows, 1);
+        assert_eq!(p.counters().classes[Class::COUNT].flows, 0);
+        // The bulk policy shards the flow from its next flowlet on.
+        let first = send(&mut p, 1_000_000, &tcp(9, false, 0, 100)).shard;
+        let next = send(&mut p, 1_000_000 + gap, &tcp(9, false, 0, 100)).shard;
+        assert_ne!(first, next);
+    }
+
+    #[test]
+    fn host_class_push_down_reaches_the_flow_and_the_counters() {
+        let mut p = Pipeline::new(&small()).unwrap();
+        let d = send(&mut p, 0, &tcp(5, false, TCP_SYN, 0));
+        assert_eq!(d.class, UNCLASSIFIED);
+        let reply = d.tuple.unwrap().reversed();
+        assert!(
+            p.set_flow_class(&reply, Class::Video),
+            "either direction names the flow"
+        );
+        assert_eq!(
+            send(&mut p, 1_000, &tcp(5, true, 0, 10)).class,
+            Class::Video as u8
+        );
+        assert!(p.set_flow_class(&reply, Class::Realtime));
+        let c = p.counters();
+        assert_eq!(c.classes[Class::Realtime as usize].flows, 1);
+        assert_eq!(c.classes[Class::Video as usize].flows, 0);
+        assert_eq!(c.classes[Class::COUNT].flows, 0);
+        assert_eq!(c.class_pushes, 2);
+        let gone = send(&mut p, 2_000, &tcp(6, false, TCP_SYN, 0))
+            .tuple
+            .unwrap();
+        p.flush();
+        assert!(!p.set_flow_class(&gone, Class::Web));
+        assert_eq!(p.counters().class_pushes_missed, 1);
+        let end: StdVec<_> = p.drain_records().collect();
+        assert!(end.iter().any(|r| r.class == Class::Realtime as u8));
     }
 
     proptest! {

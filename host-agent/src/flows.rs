@@ -1,0 +1,248 @@
+//! Flows of a capture as the NIC reports them: every packet through the data plane,
+//! each flow's first feature record (the one the profiler reads) and its packet total.
+//!
+//! `flowshard features` writes these flows with the profiler's input vector, for
+//! training; `flowshard classify` feeds the same vectors to the model. Both read the
+//! NIC's own records, so what the model is trained on is what it is served.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use hdl_bindings::telemetry::{FeatureRecord, RecordKind};
+use hw_sim::capture::{CaptureError, CaptureReader};
+use nic_firmware::pipeline::Packet;
+use nic_firmware::profile::{ClassifierTables, FEATURE_NAMES, features};
+use nic_firmware::{FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
+
+use crate::Error;
+
+/// Packets handed to the data plane at once.
+const BURST: usize = 32;
+
+/// One flow of a capture.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    /// The flow's first record: its first N packets (fewer if it ended sooner).
+    pub first: FeatureRecord,
+    /// Packets of the flow, both directions, over all its records.
+    pub packets: u64,
+    /// Class the NIC had given the flow by its first record (its own tables), if any.
+    pub nic_class: Option<nic_firmware::Class>,
+}
+
+impl Flow {
+    /// The flow's tuple as the client sent it.
+    pub fn tuple(&self) -> FlowTuple {
+        let r = &self.first;
+        FlowTuple {
+            src: r.client_addr,
+            dst: r.server_addr,
+            sport: r.client_port,
+            dport: r.server_port,
+            proto: r.proto,
+            ipv6: r.ipv6,
+            has_ports: matches!(r.proto, ipproto::TCP | ipproto::UDP),
+        }
+    }
+
+    pub fn client(&self) -> IpAddr {
+        addr(&self.first.client_addr, self.first.ipv6)
+    }
+
+    pub fn server(&self) -> IpAddr {
+        addr(&self.first.server_addr, self.first.ipv6)
+    }
+}
+
+fn addr(a: &[u8; 16], ipv6: bool) -> IpAddr {
+    if ipv6 {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    }
+}
+
+/// A protocol's name as flow listings show it.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        ipproto::TCP => "tcp".into(),
+        ipproto::UDP => "udp".into(),
+        ipproto::ICMP => "icmp".into(),
+        ipproto::ICMPV6 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Identity of a live flow across its records.
+type FlowId = ([u8; 16], [u8; 16], u16, u16, u8);
+
+fn flow_id(r: &FeatureRecord) -> FlowId {
+    (
+        r.client_addr,
+        r.server_addr,
+        r.client_port,
+        r.server_port,
+        r.proto,
+    )
+}
+
+/// Collects records into flows.
+#[derive(Debug, Default)]
+struct Collector {
+    flows: Vec<Flow>,
+    live: HashMap<FlowId, usize>,
+}
+
+impl Collector {
+    /// Take one record; returns the index of a flow it opened.
+    fn take(&mut self, r: FeatureRecord) -> Option<usize> {
+        let id = flow_id(&r);
+        let mut opened = None;
+        let i = match self.live.get(&id) {
+            Some(&i) if r.n == 0 => i,
+            _ => {
+                // A flow's first record is the only one with packets described one by one.
+                if r.n == 0 {
+                    return None;
+                }
+                self.flows.push(Flow {
+                    first: r,
+                    packets: 0,
+                    nic_class: nic_firmware::Class::from_index(r.class),
+                });
+                let i = self.flows.len() - 1;
+                self.live.insert(id, i);
+                opened = Some(i);
+                i
+            }
+        };
+        let f = &mut self.flows[i];
+        f.packets += u64::from(r.packets);
+        if r.kind == RecordKind::End {
+            self.live.remove(&id);
+        }
+        opened
+    }
+}
+
+/// Run a capture through a pipeline built from `config` (with the profiler's `tables`
+/// loaded, if given) and return its flows in the order the NIC first reported them.
+/// `on_early` sees the pipeline and the flows after
+/// every burst that opened flows, with the indices of those flows, while the flows are
+/// still live on the NIC (the profiler classifies them there and pushes the class down).
+/// A capture that ends in an error yields the flows before it and the error.
+pub fn collect(
+    pcap: &Path,
+    config: &PipelineConfig,
+    tables: Option<ClassifierTables>,
+    mut on_early: impl FnMut(&mut Pipeline, &mut [Flow], &[usize]) -> Result<(), Error>,
+) -> Result<(Vec<Flow>, Option<CaptureError>), Error> {
+    let mut reader = CaptureReader::open(pcap)?;
+    let mut pipeline = Pipeline::new(config).map_err(|e| Error::Usage(e.to_string()))?;
+    pipeline
+        .load_classifier(tables)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let mut flows = Collector::default();
+    let mut data: Vec<u8> = Vec::with_capacity(BURST * 2048);
+    let mut meta: Vec<(u64, usize, usize, u32)> = Vec::with_capacity(BURST);
+    let mut link = LinkType::Ethernet;
+    let mut decisions = Vec::with_capacity(BURST);
+    let mut opened = Vec::new();
+    let mut run = |pipeline: &mut Pipeline,
+                   data: &mut Vec<u8>,
+                   meta: &mut Vec<(u64, usize, usize, u32)>,
+                   link: LinkType,
+                   flows: &mut Collector|
+     -> Result<(), Error> {
+        let pkts: Vec<Packet> = meta
+            .iter()
+            .map(|&(ts_ns, start, len, wire_len)| Packet {
+                ts_ns,
+                data: &data[start..start + len],
+                wire_len,
+            })
+            .collect();
+        decisions.clear();
+        pipeline.process_burst(link, &pkts, &mut decisions);
+        opened.clear();
+        let records: Vec<FeatureRecord> = pipeline.drain_records().collect();
+        for r in records {
+            if let Some(i) = flows.take(r)
+                && r.kind == RecordKind::Early
+            {
+                opened.push(i);
+            }
+        }
+        if !opened.is_empty() {
+            on_early(pipeline, &mut flows.flows, &opened)?;
+        }
+        data.clear();
+        meta.clear();
+        Ok(())
+    };
+    let capture_error = loop {
+        let pkt = match reader.next_packet() {
+            Ok(Some(p)) => p,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        if pkt.link != link || meta.len() == BURST {
+            run(&mut pipeline, &mut data, &mut meta, link, &mut flows)?;
+            link = pkt.link;
+        }
+        let start = data.len();
+        data.extend_from_slice(pkt.data);
+        meta.push((
+            pkt.ts_ns,
+            start,
+            pkt.data.len(),
+            pkt.wire_len.max(pkt.data.len() as u32),
+        ));
+    };
+    run(&mut pipeline, &mut data, &mut meta, link, &mut flows)?;
+    pipeline.flush();
+    for r in pipeline.drain_records().collect::<Vec<_>>() {
+        flows.take(r);
+    }
+    Ok((flows.flows, capture_error))
+}
+
+/// Header of `flowshard features`: the flow's addresses and packets, then the input
+/// vector (which holds the protocol and both ports).
+pub fn features_header() -> Vec<&'static str> {
+    let mut h = vec!["client", "server", "packets"];
+    h.extend(FEATURE_NAMES);
+    h
+}
+
+/// `flowshard features`: one CSV row per flow of a capture with the profiler's input
+/// vector of its first `packets` packets.
+pub fn write_features(pcap: &Path, out: &Path, packets: u8) -> Result<usize, Error> {
+    let config = PipelineConfig {
+        feature_packets: packets,
+        ..PipelineConfig::default()
+    };
+    let (flows, capture_error) = collect(pcap, &config, None, |_, _, _| Ok(()))?;
+    let io = |source: std::io::Error| Error::Io {
+        what: format!("writing {}", out.display()),
+        source,
+    };
+    let mut w = csv::Writer::from_path(out).map_err(|e| io(e.into()))?;
+    w.write_record(features_header())
+        .map_err(|e| io(e.into()))?;
+    for f in &flows {
+        let mut row = vec![
+            f.client().to_string(),
+            f.server().to_string(),
+            f.packets.to_string(),
+        ];
+        row.extend(features(&f.first).iter().map(u32::to_string));
+        w.write_record(&row).map_err(|e| io(e.into()))?;
+    }
+    w.flush().map_err(io)?;
+    match capture_error {
+        Some(e) => Err(e.into()),
+        None => Ok(flows.len()),
+    }
+}
