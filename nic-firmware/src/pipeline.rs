@@ -31,7 +31,7 @@ use crate::parse::{LinkType, parse};
 use crate::placement::{Target, maglev_table};
 use crate::profile::{ClassifierTables, features};
 use crate::rss::Toeplitz;
-use crate::{Class, Verdict, ipproto};
+use crate::{Class, FlowTuple, Verdict, ipproto};
 
 /// Packets processed together by [`Pipeline::process_burst`]. Measured, not guessed:
 /// larger bursts issue more prefetches at once than the core has miss buffers for, and
@@ -1386,9 +1386,15 @@ mod tests {
     #[test]
     fn host_class_push_down_reaches_the_flow_and_the_counters() {
         let mut p = Pipeline::new(&small()).unwrap();
-        let d = send(&mut p, 0, &tcp(5, false, TCP_SYN, 0));
+        let syn = tcp(5, false, TCP_SYN, 0);
+        let d = send(&mut p, 0, &syn);
         assert_eq!(d.class, UNCLASSIFIED);
-        let reply = d.tuple.unwrap().reversed();
+        let tuple_of = |frame: &[u8]| {
+            parse(LinkType::Ethernet, frame, frame.len() as u32)
+                .unwrap()
+                .tuple
+        };
+        let reply = tuple_of(&syn).reversed();
         assert!(
             p.set_flow_class(&reply, Class::Video),
             "either direction names the flow"
@@ -1403,9 +1409,9 @@ mod tests {
         assert_eq!(c.classes[Class::Video as usize].flows, 0);
         assert_eq!(c.classes[Class::COUNT].flows, 0);
         assert_eq!(c.class_pushes, 2);
-        let gone = send(&mut p, 2_000, &tcp(6, false, TCP_SYN, 0))
-            .tuple
-            .unwrap();
+        let gone_syn = tcp(6, false, TCP_SYN, 0);
+        send(&mut p, 2_000, &gone_syn);
+        let gone = tuple_of(&gone_syn);
         p.flush();
         assert!(!p.set_flow_class(&gone, Class::Web));
         assert_eq!(p.counters().class_pushes_missed, 1);
