@@ -59,7 +59,7 @@ fn be16(d: &[u8], at: usize) -> Option<u16> {
 /// Parse one frame. `wire_len` is the frame's length on the wire; `data` may be
 /// shorter (a capture's snap length), which is not an error as long as the headers
 /// the NIC needs are present.
-#[inline]
+#[inline(always)]
 pub fn parse(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdict> {
     if link == LinkType::Ethernet
         && let Some(p) = ethernet_ipv4_fast(data, wire_len)
@@ -70,7 +70,9 @@ pub fn parse(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdi
 }
 
 /// Every link type, tag stack, IP version, option and extension header, and every
-/// verdict.
+/// verdict. Kept out of line: it is the rare path, and inlined it would crowd the
+/// fast path's caller.
+#[inline(never)]
 fn parse_general(link: LinkType, data: &[u8], wire_len: u32) -> Result<Parsed, Verdict> {
     let (ethertype, l3) = match link {
         LinkType::Ethernet => ethernet(data)?,
