@@ -356,11 +356,11 @@ impl ConnTable {
 
     #[inline(always)]
     fn probe_hash(&self, h: u64) -> Probe {
+        // The second bucket is drawn from the other n - 1 and stepped over the first:
+        // always distinct, uniform, and without a branch.
         let b1 = reduce(h as u32, self.nbuckets);
-        let mut b2 = reduce((h >> 32) as u32, self.nbuckets);
-        if b2 == b1 {
-            b2 = if b1 + 1 == self.nbuckets { 0 } else { b1 + 1 };
-        }
+        let b2 = reduce((h >> 32) as u32, self.nbuckets - 1);
+        let b2 = b2 + u32::from(b2 >= b1);
         let tag = ((h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u16) | 1;
         Probe { b1, b2, tag }
     }
