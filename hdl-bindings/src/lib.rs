@@ -50,6 +50,17 @@ impl Field {
     }
 }
 
+/// PCI vendor id of the flowshard NIC function. A development id, not one assigned by
+/// the PCI-SIG: a production card carries its maker's vendor id and the driver's id
+/// table grows by that pair.
+pub const PCI_VENDOR_ID: u16 = 0xf10f;
+pub const PCI_DEVICE_ID: u16 = 0x0001;
+/// MSI-X vector of command completions.
+pub const IRQ_CMD: u32 = 0;
+/// MSI-X vector of telemetry entries.
+pub const IRQ_TELEMETRY: u32 = 1;
+pub const IRQ_VECTORS: u32 = 2;
+
 /// Size of BAR0: the register blocks, rounded up to a page.
 pub const BAR0_SIZE: u32 = 0x1000;
 const _: () = assert!(regs::MAP_SIZE <= BAR0_SIZE);

@@ -19,6 +19,8 @@ pub mod ident {
     pub const TYPE_ID: u32 = 0xf5000001;
     pub const VERSION_MAJOR: u16 = 1;
     pub const VERSION_MINOR: u16 = 0;
+    /// BAR0 offset of the next block (what `BLOCK_NEXT` reads); 0 ends the list.
+    pub const NEXT: u32 = 0x100;
 
     /// Identifies the block; constant.
     pub const BLOCK_TYPE: u32 = 0x00;
@@ -97,6 +99,8 @@ pub mod cmd {
     pub const TYPE_ID: u32 = 0xf5000002;
     pub const VERSION_MAJOR: u16 = 1;
     pub const VERSION_MINOR: u16 = 0;
+    /// BAR0 offset of the next block (what `BLOCK_NEXT` reads); 0 ends the list.
+    pub const NEXT: u32 = 0x200;
 
     /// Identifies the block; constant.
     pub const BLOCK_TYPE: u32 = 0x00;
@@ -157,6 +161,8 @@ pub mod telem {
     pub const TYPE_ID: u32 = 0xf5000003;
     pub const VERSION_MAJOR: u16 = 1;
     pub const VERSION_MINOR: u16 = 0;
+    /// BAR0 offset of the next block (what `BLOCK_NEXT` reads); 0 ends the list.
+    pub const NEXT: u32 = 0x300;
 
     /// Identifies the block; constant.
     pub const BLOCK_TYPE: u32 = 0x00;
@@ -211,6 +217,8 @@ pub mod flash {
     pub const TYPE_ID: u32 = 0xf5000004;
     pub const VERSION_MAJOR: u16 = 1;
     pub const VERSION_MINOR: u16 = 0;
+    /// BAR0 offset of the next block (what `BLOCK_NEXT` reads); 0 ends the list.
+    pub const NEXT: u32 = 0x000;
 
     /// Identifies the block; constant.
     pub const BLOCK_TYPE: u32 = 0x00;

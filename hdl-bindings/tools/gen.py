@@ -91,6 +91,9 @@ def rust(top):
         out.append(f"    pub const TYPE_ID: u32 = {ty:#010x};")
         out.append(f"    pub const VERSION_MAJOR: u16 = {major};")
         out.append(f"    pub const VERSION_MINOR: u16 = {minor};")
+        nxt = blk.get_child_by_name("block_next").get_child_by_name("offset").get_property("reset")
+        out.append("    /// BAR0 offset of the next block (what `BLOCK_NEXT` reads); 0 ends the list.")
+        out.append(f"    pub const NEXT: u32 = {nxt:#05x};")
         for reg in blk.children():
             if not isinstance(reg, RegNode):
                 continue

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, nic_config, replay};
+use crate::{Error, bench, nic_cmd, nic_config, replay};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -31,10 +31,56 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, inspect and sign NIC firmware images.
+    Image {
+        #[command(subcommand)]
+        what: ImageCommand,
+    },
     /// Measure parts of the product.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from a data-plane configuration (the embedded default without
+    /// one), signed with the development key unless --key or --unsigned is given.
+    Build {
+        /// Data-plane configuration (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Image version the NIC reports once it runs the image.
+        #[arg(long, default_value_t = 1)]
+        image_version: u32,
+        /// ed25519 private key, PKCS#8 PEM (`openssl genpkey -algorithm ed25519`).
+        #[arg(long, conflicts_with = "unsigned")]
+        key: Option<PathBuf>,
+        /// Leave the image unsigned (for signing later with `image sign`).
+        #[arg(long)]
+        unsigned: bool,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check an image's integrity and show what it holds.
+    Inspect {
+        image: PathBuf,
+        /// ed25519 public key, SPKI PEM: also check the signature against it.
+        #[arg(long)]
+        trusted_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign an image with an ed25519 key, replacing any signature it has.
+    Sign {
+        /// ed25519 private key, PKCS#8 PEM.
+        #[arg(long)]
+        key: PathBuf,
+        image: PathBuf,
+        /// Write the signed image here instead of replacing IMAGE.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -72,6 +118,29 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let config = nic_config::load(config.as_deref())?;
             replay::run(&pcap, config, decisions.as_deref(), json)
         }
+        Command::Image { what } => match what {
+            ImageCommand::Build {
+                config,
+                image_version,
+                key,
+                unsigned,
+                output,
+            } => nic_cmd::build(
+                config.as_deref(),
+                image_version,
+                key.as_deref(),
+                unsigned,
+                &output,
+            ),
+            ImageCommand::Inspect {
+                image,
+                trusted_key,
+                json,
+            } => nic_cmd::inspect(&image, trusted_key.as_deref(), json),
+            ImageCommand::Sign { key, image, output } => {
+                nic_cmd::sign(&image, &key, output.as_deref())
+            }
+        },
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

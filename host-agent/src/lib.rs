@@ -3,10 +3,16 @@
 //! - [`nic_config`]: the NIC's data-plane configuration from TOML, with the embedded default.
 //! - [`replay`]: push a capture through the emulated NIC's data plane and report.
 //! - [`bench`]: the data plane's fast path on synthetic traffic.
+//! - [`device`]: the one device interface and its backends (in-process, vfio-user, VFIO).
+//! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
+//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
 //! - [`cli`]: the `flowshard` commands.
 
 pub mod bench;
 pub mod cli;
+pub mod device;
+pub mod driver;
+pub mod nic_cmd;
 pub mod nic_config;
 pub mod replay;
 
@@ -24,6 +30,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Nic(#[from] driver::NicError),
+    #[error("{path}: {error}")]
+    Image {
+        path: std::path::PathBuf,
+        error: hdl_bindings::image::ImageError,
+    },
     #[error("{0}")]
     Usage(String),
 }
@@ -32,7 +45,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 64,
-            Error::Capture(_) | Error::Io { .. } => 1,
+            Error::Capture(_) | Error::Io { .. } | Error::Nic(_) | Error::Image { .. } => 1,
         }
     }
 }
