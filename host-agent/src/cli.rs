@@ -36,6 +36,42 @@ pub enum Command {
         #[command(subcommand)]
         what: ImageCommand,
     },
+    /// Write an image into a NIC's inactive flash slot and boot it.
+    Flash {
+        /// The NIC: vfio-user:PATH (a `flowshard nic-sim` socket).
+        #[arg(long)]
+        device: String,
+        image: PathBuf,
+        /// Bytes per DMA chunk.
+        #[arg(long, default_value_t = 64 << 10)]
+        chunk_size: usize,
+        /// One JSON line per chunk written, then the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a NIC's image, slots, tables, counters and rings.
+    Status {
+        /// The NIC: vfio-user:PATH.
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the emulated NIC, served over vfio-user on a UNIX socket until killed.
+    NicSim {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Trust images signed by this ed25519 public key (SPKI PEM) instead of the
+        /// development key.
+        #[arg(long)]
+        trusted_key: Option<PathBuf>,
+        /// Boot this image at start, as if it had been flashed.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Device memory for the data plane's tables, MiB.
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: u64,
+    },
     /// Measure parts of the product.
     Bench {
         #[command(subcommand)]
@@ -86,6 +122,20 @@ pub enum ImageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Table updates per second through the command ring, and register round trips.
+    Ring {
+        /// The NIC (vfio-user:PATH); an in-process emulated NIC without it.
+        #[arg(long)]
+        device: Option<String>,
+        /// Bucket updates to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        updates: u64,
+        /// Descriptors per batch (one epoch each).
+        #[arg(long, default_value_t = 1024)]
+        batch: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// The data plane's fast path on synthetic 64-byte TCP frames.
     Dataplane {
         /// Active flows (the connection table is filled with them first).
@@ -141,6 +191,58 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 nic_cmd::sign(&image, &key, output.as_deref())
             }
         },
+        Command::Flash {
+            device,
+            image,
+            chunk_size,
+            json,
+        } => nic_cmd::flash(&device, &image, chunk_size, json),
+        Command::Status { device, json } => nic_cmd::status(&device, json),
+        Command::NicSim {
+            socket,
+            trusted_key,
+            image,
+            memory_mib,
+        } => nic_cmd::nic_sim(&nic_cmd::NicSimOptions {
+            socket,
+            trusted_key,
+            image,
+            memory_mib,
+        }),
+        Command::Bench {
+            what:
+                BenchCommand::Ring {
+                    device,
+                    updates,
+                    batch,
+                    json,
+                },
+        } => {
+            if batch == 0 || batch > 65_536 {
+                return Err(Error::Usage(format!(
+                    "--batch must be between 1 and 65536, got {batch}"
+                )));
+            }
+            let r = nic_cmd::bench_ring(device.as_deref(), updates, batch)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
+                );
+            } else {
+                println!(
+                    "ring on {}: {} bucket updates in batches of {}: {:.0} updates/s\n  register access (half a scratch round trip): median {:.2} µs, p99 {:.2} µs over {} round trips",
+                    r.device,
+                    r.updates,
+                    r.batch,
+                    r.updates_per_s,
+                    r.round_trip_us_median,
+                    r.round_trip_us_p99,
+                    r.register_round_trips
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

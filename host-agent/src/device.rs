@@ -9,13 +9,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hw_sim::device::{CONFIG_SPACE_LEN, NicDevice};
+use hw_sim::device::NicDevice;
+pub use hw_sim::device::{REGION_BAR0, REGION_CONFIG};
 use hw_sim::dma::{EventFd, Mapping, SharedMemory};
-
-/// VFIO region index of BAR0.
-pub const REGION_BAR0: u32 = 0;
-/// VFIO region index of the PCI configuration space.
-pub const REGION_CONFIG: u32 = 7;
 
 /// A transport failure.
 #[derive(Debug, thiserror::Error)]
@@ -54,96 +50,17 @@ pub trait Device: Send {
     }
 }
 
-/// Serve a region access on a device model: BAR0 as aligned 32-bit registers, the
-/// configuration space read-only. Shared by the in-process backend and the vfio-user
-/// server, so both present exactly the same device.
-pub fn model_region_read(
-    dev: &mut NicDevice,
-    region: u32,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), DeviceError> {
-    match region {
-        REGION_BAR0 => {
-            check_bar0(offset, buf.len())?;
-            for (i, w) in buf.chunks_exact_mut(4).enumerate() {
-                w.copy_from_slice(&dev.read(offset as u32 + 4 * i as u32).to_le_bytes());
-            }
-            Ok(())
-        }
-        REGION_CONFIG => {
-            let cs = dev.config_space();
-            let src = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cs.get(o..o.checked_add(buf.len())?))
-                .ok_or_else(|| outside(region, offset, buf.len()))?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        _ => Err(outside(region, offset, buf.len())),
-    }
-}
-
-pub fn model_region_write(
-    dev: &mut NicDevice,
-    region: u32,
-    offset: u64,
-    data: &[u8],
-) -> Result<(), DeviceError> {
-    match region {
-        REGION_BAR0 => {
-            check_bar0(offset, data.len())?;
-            for (i, w) in data.chunks_exact(4).enumerate() {
-                let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                dev.write(offset as u32 + 4 * i as u32, v);
-            }
-            Ok(())
-        }
-        REGION_CONFIG if (offset as usize).saturating_add(data.len()) <= CONFIG_SPACE_LEN => {
-            // Configuration writes (command register, BAR sizing) have no effect on an
-            // emulated function whose BAR is fixed.
-            Ok(())
-        }
-        _ => Err(outside(region, offset, data.len())),
-    }
-}
-
-fn check_bar0(offset: u64, len: usize) -> Result<(), DeviceError> {
-    let end = offset.checked_add(len as u64);
-    if !offset.is_multiple_of(4)
-        || !len.is_multiple_of(4)
-        || len == 0
-        || end.is_none_or(|e| e > hdl_bindings::BAR0_SIZE.into())
-    {
-        return Err(DeviceError::Refused(format!(
-            "BAR0 access of {len} bytes at {offset:#x}: registers are 32-bit aligned words inside {:#x} bytes",
-            hdl_bindings::BAR0_SIZE
-        )));
-    }
-    Ok(())
-}
-
-fn outside(region: u32, offset: u64, len: usize) -> DeviceError {
-    DeviceError::Refused(format!(
-        "region {region}: {len} bytes at {offset:#x} are outside the region"
-    ))
-}
-
-/// The emulated NIC linked into this process. Several handles may share one device
-/// (a test drives traffic through one while the driver holds another); dropping a
-/// handle that mapped memory detaches it, as a closed vfio-user connection does.
+/// The emulated NIC linked into this process. The model may be shared (a test offers
+/// packets through it while the driver holds this handle); dropping the handle
+/// detaches the host from the device, as a closed vfio-user connection does.
 #[derive(Debug)]
 pub struct InProcess {
     dev: Arc<Mutex<NicDevice>>,
-    mapped: Vec<(u64, u64)>,
 }
 
 impl InProcess {
     pub fn new(dev: Arc<Mutex<NicDevice>>) -> InProcess {
-        InProcess {
-            dev,
-            mapped: Vec::new(),
-        }
+        InProcess { dev }
     }
 
     /// The device model itself, e.g. to offer it packets.
@@ -156,10 +73,7 @@ impl InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
-        for (iova, len) in self.mapped.drain(..) {
-            dev.dma_unmap(iova, len);
-        }
+        self.dev.lock().unwrap_or_else(|e| e.into_inner()).detach();
     }
 }
 
@@ -169,11 +83,15 @@ impl Device for InProcess {
     }
 
     fn region_read(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        model_region_read(&mut self.model(), region, offset, buf)
+        self.model()
+            .region_read(region, offset, buf)
+            .map_err(|e| DeviceError::Refused(e.to_string()))
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        model_region_write(&mut self.model(), region, offset, data)
+        self.model()
+            .region_write(region, offset, data)
+            .map_err(|e| DeviceError::Refused(e.to_string()))
     }
 
     fn dma_map(&mut self, iova: u64, mem: &SharedMemory) -> Result<(), DeviceError> {
@@ -182,14 +100,11 @@ impl Device for InProcess {
             source,
         };
         let map = Mapping::new(mem.fd(), 0, mem.len()).map_err(io)?;
-        self.model().dma_map(iova, map).map_err(io)?;
-        self.mapped.push((iova, mem.len() as u64));
-        Ok(())
+        self.model().dma_map(iova, map).map_err(io)
     }
 
     fn dma_unmap(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
         self.model().dma_unmap(iova, len);
-        self.mapped.retain(|m| *m != (iova, len));
         Ok(())
     }
 
@@ -228,4 +143,113 @@ impl<T: Device + ?Sized> Device for Box<T> {
     fn set_irq(&mut self, vector: u32, fd: &EventFd) -> Result<(), DeviceError> {
         (**self).set_irq(vector, fd)
     }
+}
+
+/// The emulated NIC in another process (`flowshard nic-sim --socket PATH`), reached
+/// over vfio-user with rust-vmm's client.
+///
+/// `vfio_user` 0.1.7's client takes every reply for a success, so this backend checks
+/// region bounds itself (against the region table the server sent at connect) before
+/// it sends an access, and the device reports DMA problems through its own registers
+/// (ring errors, flash DMA faults), which the driver reads.
+pub struct VfioUser {
+    client: vfio_user::Client,
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for VfioUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioUser")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioUser {
+    pub fn connect(path: &std::path::Path) -> Result<VfioUser, DeviceError> {
+        let client = vfio_user::Client::new(path).map_err(|e| {
+            DeviceError::Refused(format!(
+                "vfio-user:{}: {e} (is `flowshard nic-sim --socket {}` running?)",
+                path.display(),
+                path.display()
+            ))
+        })?;
+        Ok(VfioUser {
+            client,
+            path: path.to_owned(),
+        })
+    }
+
+    fn check(&self, region: u32, offset: u64, len: usize) -> Result<(), DeviceError> {
+        let size = self.client.region(region).map_or(0, |r| r.size);
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(DeviceError::Refused(format!(
+                "region {region}: {len} bytes at {offset:#x} are outside the region ({size} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn fail(&self, op: &str, e: vfio_user::Error) -> DeviceError {
+        DeviceError::Refused(format!("{op}: {e}"))
+    }
+}
+
+impl Device for VfioUser {
+    fn describe(&self) -> String {
+        format!("vfio-user:{}", self.path.display())
+    }
+
+    fn region_read(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.check(region, offset, buf.len())?;
+        self.client
+            .region_read(region, offset, buf)
+            .map_err(|e| self.fail("region read", e))
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.check(region, offset, data.len())?;
+        self.client
+            .region_write(region, offset, data)
+            .map_err(|e| self.fail("region write", e))
+    }
+
+    fn dma_map(&mut self, iova: u64, mem: &SharedMemory) -> Result<(), DeviceError> {
+        use std::os::fd::AsRawFd;
+        self.client
+            .dma_map(0, iova, mem.len() as u64, mem.fd().as_raw_fd())
+            .map_err(|e| self.fail("DMA map", e))
+    }
+
+    fn dma_unmap(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.client
+            .dma_unmap(iova, len)
+            .map_err(|e| self.fail("DMA unmap", e))
+    }
+
+    fn set_irq(&mut self, vector: u32, fd: &EventFd) -> Result<(), DeviceError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        use vfio_bindings::bindings::vfio::{
+            VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
+        };
+        self.client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                vector,
+                1,
+                &[fd.as_fd().as_raw_fd()],
+            )
+            .map_err(|e| self.fail("set MSI-X vector", e))
+    }
+}
+
+/// Open the device a `--device` argument names: `vfio-user:PATH` or `pci:DDDD:BB:DD.F`.
+pub fn open(spec: &str) -> Result<Box<dyn Device>, DeviceError> {
+    if let Some(path) = spec.strip_prefix("vfio-user:") {
+        return Ok(Box::new(VfioUser::connect(std::path::Path::new(path))?));
+    }
+    Err(DeviceError::Refused(format!(
+        "--device {spec}: expected vfio-user:PATH (a socket of `flowshard nic-sim`)"
+    )))
 }

@@ -132,6 +132,37 @@ pub struct NicDevice {
 
 /// Size of the PCI configuration space the device serves.
 pub const CONFIG_SPACE_LEN: usize = 256;
+/// VFIO region index of BAR0.
+pub const REGION_BAR0: u32 = 0;
+/// VFIO region index of the PCI configuration space.
+pub const REGION_CONFIG: u32 = 7;
+
+/// A region access the device cannot serve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("region {region}: {len} bytes at {offset:#x}: {why}")]
+pub struct RegionError {
+    pub region: u32,
+    pub offset: u64,
+    pub len: usize,
+    pub why: &'static str,
+}
+
+/// BAR0 accesses are whole aligned 32-bit words inside the BAR.
+fn bar0_access(offset: u64, len: usize) -> Result<u32, RegionError> {
+    let fail = |why| RegionError {
+        region: REGION_BAR0,
+        offset,
+        len,
+        why,
+    };
+    if !offset.is_multiple_of(4) || !len.is_multiple_of(4) || len == 0 {
+        return Err(fail("registers are aligned 32-bit words"));
+    }
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= u64::from(hdl_bindings::BAR0_SIZE) => Ok(offset as u32),
+        _ => Err(fail("outside BAR0")),
+    }
+}
 
 fn lo(v: u64) -> u32 {
     v as u32
@@ -181,6 +212,92 @@ impl NicDevice {
         c[0x2c..0x2e].copy_from_slice(&PCI_VENDOR_ID.to_le_bytes());
         c[0x2e..0x30].copy_from_slice(&PCI_DEVICE_ID.to_le_bytes());
         c
+    }
+
+    /// Serve a region read: BAR0 as aligned 32-bit registers, the configuration space
+    /// as bytes. Every transport goes through here, so all present the same device.
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RegionError> {
+        match region {
+            REGION_BAR0 => {
+                let base = bar0_access(offset, buf.len())?;
+                for (i, w) in buf.chunks_exact_mut(4).enumerate() {
+                    w.copy_from_slice(&self.read(base + 4 * i as u32).to_le_bytes());
+                }
+                Ok(())
+            }
+            REGION_CONFIG => {
+                let cs = self.config_space();
+                let src = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| cs.get(o..o.checked_add(buf.len())?))
+                    .ok_or(RegionError {
+                        region,
+                        offset,
+                        len: buf.len(),
+                        why: "outside the configuration space",
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            _ => Err(RegionError {
+                region,
+                offset,
+                len: buf.len(),
+                why: "no such region",
+            }),
+        }
+    }
+
+    /// Serve a region write. Configuration-space writes (command register, BAR sizing)
+    /// have no effect on a function whose BAR is fixed.
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), RegionError> {
+        match region {
+            REGION_BAR0 => {
+                let base = bar0_access(offset, data.len())?;
+                for (i, w) in data.chunks_exact(4).enumerate() {
+                    self.write(
+                        base + 4 * i as u32,
+                        u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+                    );
+                }
+                Ok(())
+            }
+            REGION_CONFIG if (offset as usize).saturating_add(data.len()) <= CONFIG_SPACE_LEN => {
+                Ok(())
+            }
+            REGION_CONFIG => Err(RegionError {
+                region,
+                offset,
+                len: data.len(),
+                why: "outside the configuration space",
+            }),
+            _ => Err(RegionError {
+                region,
+                offset,
+                len: data.len(),
+                why: "no such region",
+            }),
+        }
+    }
+
+    /// The host went away (connection closed, driver unbound): drop its DMA mappings
+    /// and interrupts and stop the rings, which pointed into its memory. Tables,
+    /// counters and flash slots stay, as on a real NIC.
+    pub fn detach(&mut self) {
+        self.dma = DmaSpace::default();
+        self.irqs.iter_mut().for_each(|i| *i = None);
+        self.cmd.log2 = 0;
+        self.telem.log2 = 0;
     }
 
     /// The running data plane, if an image booted.

@@ -4,6 +4,7 @@
 //! - [`device`]: the device model (BAR0 registers, command and telemetry rings, flash).
 //! - [`dma`]: host memory shared with the device, and interrupts as eventfds.
 //! - [`image`]: firmware images (build, sign, verify).
+//! - [`vfio_user_server`]: the device served over vfio-user on a UNIX socket.
 //! - [`capture`], [`generate`]: traffic sources.
 
 pub mod capture;
@@ -11,3 +12,4 @@ pub mod device;
 pub mod dma;
 pub mod generate;
 pub mod image;
+pub mod vfio_user_server;

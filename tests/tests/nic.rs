@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use flowshard::device::{Device, InProcess};
+use flowshard::device::{Device, InProcess, VfioUser};
 use flowshard::driver::{Nic, NicError};
 use hdl_bindings::image::{HEADER_LEN, ImageError, config_key_id};
 use hdl_bindings::ring::{CmdDesc, Opcode, Scope, Status};
@@ -21,6 +21,7 @@ use nic_firmware::{LinkType, PipelineConfig};
 struct Rig {
     model: Arc<Mutex<NicDevice>>,
     connect: Box<dyn Fn() -> Box<dyn Device>>,
+    _socket_dir: Option<tempfile::TempDir>,
 }
 
 impl Rig {
@@ -57,12 +58,35 @@ fn in_process(opts: DeviceOptions) -> Rig {
     Rig {
         model,
         connect: Box::new(move || Box::new(InProcess::new(m.clone())) as Box<dyn Device>),
+        _socket_dir: None,
+    }
+}
+
+/// The model served over a real vfio-user socket by a server thread, as
+/// `flowshard nic-sim` serves it; every `connect` is a new client connection.
+fn vfio_user(opts: DeviceOptions) -> Rig {
+    let model = Arc::new(Mutex::new(NicDevice::new(opts)));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let (m, s) = (model.clone(), socket.clone());
+    std::thread::spawn(move || hw_sim::vfio_user_server::serve(&s, m));
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Rig {
+        model,
+        connect: Box::new(move || Box::new(VfioUser::connect(&socket).unwrap()) as Box<dyn Device>),
+        _socket_dir: Some(dir),
     }
 }
 
 /// Run `test` on a fresh device over every transport.
 fn each_transport(opts: DeviceOptions, test: impl Fn(&Rig)) {
-    test(&in_process(opts));
+    test(&in_process(opts.clone()));
+    test(&vfio_user(opts));
 }
 
 fn image(version: u32, config: &PipelineConfig) -> Vec<u8> {
@@ -265,6 +289,8 @@ fn a_flash_stopped_midway_leaves_a_bootable_device() {
             ..PipelineConfig::default()
         };
         let img = image(2, &big);
+        // A vfio-user device serves one client at a time, as a PCI function has one driver.
+        drop(nic);
         for stop_after in [256, img.len() / 2, img.len() - 1] {
             let mut nic = rig.open();
             let err = nic
