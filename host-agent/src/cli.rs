@@ -38,7 +38,7 @@ pub enum Command {
     },
     /// Write an image into a NIC's inactive flash slot and boot it.
     Flash {
-        /// The NIC: vfio-user:PATH (a `flowshard nic-sim` socket).
+        /// The NIC: vfio-user:PATH (a `flowshard nic-sim` socket) or pci:DDDD:BB:DD.F (bound to vfio-pci).
         #[arg(long)]
         device: String,
         image: PathBuf,
@@ -51,7 +51,7 @@ pub enum Command {
     },
     /// Show a NIC's image, slots, tables, counters and rings.
     Status {
-        /// The NIC: vfio-user:PATH.
+        /// The NIC: vfio-user:PATH or pci:DDDD:BB:DD.F.
         #[arg(long)]
         device: String,
         #[arg(long)]
@@ -124,7 +124,7 @@ pub enum ImageCommand {
 pub enum BenchCommand {
     /// Table updates per second through the command ring, and register round trips.
     Ring {
-        /// The NIC (vfio-user:PATH); an in-process emulated NIC without it.
+        /// The NIC (vfio-user:PATH or pci:DDDD:BB:DD.F); an in-process emulated NIC without it.
         #[arg(long)]
         device: Option<String>,
         /// Bucket updates to send.

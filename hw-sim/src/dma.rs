@@ -110,6 +110,31 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// One 32-bit volatile load at `offset` (device registers: exactly one bus access);
+    /// `None` when misaligned or out of bounds.
+    pub fn read32_volatile(&self, offset: usize) -> Option<u32> {
+        if !offset.is_multiple_of(4) || offset.checked_add(4)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and 4-aligned (mmap returns page-aligned memory); a volatile
+        // load through a raw pointer, no reference to memory the device may change.
+        Some(u32::from_le(unsafe {
+            std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u32>())
+        }))
+    }
+
+    /// One 32-bit volatile store at `offset`; false when misaligned or out of bounds.
+    pub fn write32_volatile(&self, offset: usize, v: u32) -> bool {
+        if !offset.is_multiple_of(4) || offset.checked_add(4).is_none_or(|e| e > self.len) {
+            return false;
+        }
+        // SAFETY: as in `read32_volatile`, storing instead of loading.
+        unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u32>(), v.to_le()) };
+        true
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly what mmap returned, unmapped once here.
@@ -233,6 +258,11 @@ impl EventFd {
     /// Wrap an eventfd received from elsewhere (vfio-user SET_IRQS).
     pub fn from_file(f: File) -> EventFd {
         EventFd(f)
+    }
+
+    /// The eventfd as a plain owned descriptor, for APIs with their own eventfd type.
+    pub fn into_owned_fd(self) -> OwnedFd {
+        OwnedFd::from(self.0)
     }
 
     pub fn try_clone(&self) -> io::Result<EventFd> {
