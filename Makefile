@@ -5,8 +5,10 @@ DATA ?= $(or $(FLOWSHARD_DATA),$(HOME)/.cache/flowshard-data)
 export FLOWSHARD_DATA := $(DATA)
 DEMO_PCAP ?= $(DATA)/ndpi/pcap/netflix.pcap
 CARGO ?= cargo
+VENV ?= $(or $(FLOWSHARD_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/flowshard-venv)
+REGGEN = hdl-bindings/tools/gen.py
 
-.PHONY: setup build run test bench model
+.PHONY: setup build run test bench model regs regs-check
 
 setup:
 	bash scripts/setup.sh
@@ -20,7 +22,17 @@ run: build
 	./target/release/flowshard replay --pcap $(DEMO_PCAP) --decisions target/decisions.csv
 	@echo "decision log: target/decisions.csv"
 
-test: setup
+# Regenerate hdl-bindings' register files from rdl/ (Rust, SystemVerilog, C, docs).
+regs:
+	$(VENV)/bin/python $(REGGEN)
+
+# Fail when the checked-in generated files differ from what rdl/ gives; skipped (with a
+# note) only where the generator is not installed, which `make setup` does.
+regs-check:
+	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python $(REGGEN) --check; \
+	else echo "regs-check: generator not installed in $(VENV) (make setup installs it); skipped"; fi
+
+test: setup regs-check
 	cd models && sha256sum -c --quiet profiler.sha256
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings

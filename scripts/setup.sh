@@ -11,7 +11,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 dpkg -s dpkg-dev >/dev/null 2>&1 || need+=(dpkg-dev)     # apt-get source (data fetch)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)   # make model
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)  # make model, register-map generator
 if ((${#need[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q
@@ -21,6 +21,16 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is missing; install a Rust toolchain (1.88 or newer), e.g. Debian's cargo package or rustup" >&2
   exit 1
+fi
+
+# The register-map generator (PeakRDL, pinned) in a venv under the cache; `make test`
+# uses it to check that hdl-bindings' generated files match rdl/.
+venv=${FLOWSHARD_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/flowshard-venv}
+reqs="$here/../hdl-bindings/tools/requirements.txt"
+if ! cmp -s "$reqs" "$venv/requirements.txt" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r "$reqs"
+  cp "$reqs" "$venv/requirements.txt"
 fi
 
 # Real captures (nDPI's test set, training list only) and load series, cached outside the repo.

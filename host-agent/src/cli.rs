@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, classify, flows, nic_config, replay};
+use crate::{Error, bench, classify, flows, nic_cmd, nic_config, replay};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -58,6 +58,47 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, inspect and sign NIC firmware images.
+    Image {
+        #[command(subcommand)]
+        what: ImageCommand,
+    },
+    /// Write an image into a NIC's inactive flash slot and boot it.
+    Flash {
+        /// The NIC: vfio-user:PATH (a `flowshard nic-sim` socket) or pci:DDDD:BB:DD.F (bound to vfio-pci).
+        #[arg(long)]
+        device: String,
+        image: PathBuf,
+        /// Bytes per DMA chunk.
+        #[arg(long, default_value_t = 64 << 10)]
+        chunk_size: usize,
+        /// One JSON line per chunk written, then the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a NIC's image, slots, tables, counters and rings.
+    Status {
+        /// The NIC: vfio-user:PATH or pci:DDDD:BB:DD.F.
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the emulated NIC, served over vfio-user on a UNIX socket until killed.
+    NicSim {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Trust images signed by this ed25519 public key (SPKI PEM) instead of the
+        /// development key.
+        #[arg(long)]
+        trusted_key: Option<PathBuf>,
+        /// Boot this image at start, as if it had been flashed.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Device memory for the data plane's tables, MiB.
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: u64,
+    },
     /// Measure parts of the product.
     Bench {
         #[command(subcommand)]
@@ -66,7 +107,62 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from a data-plane configuration (the embedded default without
+    /// one), signed with the development key unless --key or --unsigned is given.
+    Build {
+        /// Data-plane configuration (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Image version the NIC reports once it runs the image.
+        #[arg(long, default_value_t = 1)]
+        image_version: u32,
+        /// ed25519 private key, PKCS#8 PEM (`openssl genpkey -algorithm ed25519`).
+        #[arg(long, conflicts_with = "unsigned")]
+        key: Option<PathBuf>,
+        /// Leave the image unsigned (for signing later with `image sign`).
+        #[arg(long)]
+        unsigned: bool,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check an image's integrity and show what it holds.
+    Inspect {
+        image: PathBuf,
+        /// ed25519 public key, SPKI PEM: also check the signature against it.
+        #[arg(long)]
+        trusted_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign an image with an ed25519 key, replacing any signature it has.
+    Sign {
+        /// ed25519 private key, PKCS#8 PEM.
+        #[arg(long)]
+        key: PathBuf,
+        image: PathBuf,
+        /// Write the signed image here instead of replacing IMAGE.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Table updates per second through the command ring, and register round trips.
+    Ring {
+        /// The NIC (vfio-user:PATH or pci:DDDD:BB:DD.F); an in-process emulated NIC without it.
+        #[arg(long)]
+        device: Option<String>,
+        /// Bucket updates to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        updates: u64,
+        /// Descriptors per batch (one epoch each).
+        #[arg(long, default_value_t = 1024)]
+        batch: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// The data plane's fast path on synthetic 64-byte TCP frames.
     Dataplane {
         /// Active flows (the connection table is filled with them first).
@@ -105,6 +201,81 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Classify { pcap, model, json } => classify::run(&pcap, model.as_deref(), json),
+        Command::Image { what } => match what {
+            ImageCommand::Build {
+                config,
+                image_version,
+                key,
+                unsigned,
+                output,
+            } => nic_cmd::build(
+                config.as_deref(),
+                image_version,
+                key.as_deref(),
+                unsigned,
+                &output,
+            ),
+            ImageCommand::Inspect {
+                image,
+                trusted_key,
+                json,
+            } => nic_cmd::inspect(&image, trusted_key.as_deref(), json),
+            ImageCommand::Sign { key, image, output } => {
+                nic_cmd::sign(&image, &key, output.as_deref())
+            }
+        },
+        Command::Flash {
+            device,
+            image,
+            chunk_size,
+            json,
+        } => nic_cmd::flash(&device, &image, chunk_size, json),
+        Command::Status { device, json } => nic_cmd::status(&device, json),
+        Command::NicSim {
+            socket,
+            trusted_key,
+            image,
+            memory_mib,
+        } => nic_cmd::nic_sim(&nic_cmd::NicSimOptions {
+            socket,
+            trusted_key,
+            image,
+            memory_mib,
+        }),
+        Command::Bench {
+            what:
+                BenchCommand::Ring {
+                    device,
+                    updates,
+                    batch,
+                    json,
+                },
+        } => {
+            if batch == 0 || batch > 65_536 {
+                return Err(Error::Usage(format!(
+                    "--batch must be between 1 and 65536, got {batch}"
+                )));
+            }
+            let r = nic_cmd::bench_ring(device.as_deref(), updates, batch)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
+                );
+            } else {
+                println!(
+                    "ring on {}: {} bucket updates in batches of {}: {:.0} updates/s\n  register access (half a scratch round trip): median {:.2} µs, p99 {:.2} µs over {} round trips",
+                    r.device,
+                    r.updates,
+                    r.batch,
+                    r.updates_per_s,
+                    r.round_trip_us_median,
+                    r.round_trip_us_p99,
+                    r.register_round_trips
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

@@ -6,12 +6,18 @@
 //! - [`flows`]: a capture's flows as the NIC reports them, and their feature CSV.
 //! - [`profiler`]: the flow profiler on ONNX Runtime, and its trees as NIC tables.
 //! - [`classify`]: a capture's flows through the NIC and the profiler.
+//! - [`device`]: the one device interface and its backends (in-process, vfio-user, VFIO).
+//! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
+//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
 //! - [`cli`]: the `flowshard` commands.
 
 pub mod bench;
 pub mod classify;
 pub mod cli;
+pub mod device;
+pub mod driver;
 pub mod flows;
+pub mod nic_cmd;
 pub mod nic_config;
 pub mod profiler;
 pub mod replay;
@@ -32,6 +38,13 @@ pub enum Error {
     },
     #[error(transparent)]
     Profiler(#[from] profiler::ProfilerError),
+    #[error(transparent)]
+    Nic(#[from] driver::NicError),
+    #[error("{path}: {error}")]
+    Image {
+        path: std::path::PathBuf,
+        error: hdl_bindings::image::ImageError,
+    },
     #[error("{0}")]
     Usage(String),
 }
@@ -40,7 +53,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 64,
-            Error::Capture(_) | Error::Io { .. } => 1,
+            Error::Capture(_) | Error::Io { .. } | Error::Nic(_) | Error::Image { .. } => 1,
             // EX_UNAVAILABLE: ONNX Runtime or the model is missing or unusable.
             Error::Profiler(_) => 69,
         }

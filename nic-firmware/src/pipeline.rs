@@ -25,7 +25,9 @@ use alloc::vec::Vec;
 
 use hdl_bindings::telemetry::{EndReason, FeatureRecord, MAX_FEATURE_PACKETS, RecordKind};
 
-use crate::config::{ConfigError, MAX_TIMEOUT_MS, NodeConfig, NodeState, PipelineConfig};
+use crate::config::{
+    ConfigError, MAX_GROUP, MAX_TIMEOUT_MS, NodeConfig, NodeState, PipelineConfig,
+};
 use crate::conntable::{Candidates, ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag};
 use crate::parse::{LinkType, parse};
 use crate::placement::{Target, maglev_table};
@@ -385,6 +387,37 @@ impl Pipeline {
             });
         }
         self.bucket_shard.copy_from_slice(table);
+        Ok(())
+    }
+
+    /// Point one bucket at another shard; established flows keep their node.
+    pub fn set_bucket(&mut self, bucket: u32, shard: u16) -> Result<(), ConfigError> {
+        if shard as usize >= self.shard_node.len() {
+            return Err(ConfigError::Invalid {
+                key: "bucket.shard",
+                why: "no such shard",
+            });
+        }
+        let slot = self
+            .bucket_shard
+            .get_mut(bucket as usize)
+            .ok_or(ConfigError::Invalid {
+                key: "bucket",
+                why: "no such bucket",
+            })?;
+        *slot = shard;
+        Ok(())
+    }
+
+    /// Set the shard-group size of a class for flows created from now on.
+    pub fn set_class_group(&mut self, class: Class, group: u8) -> Result<(), ConfigError> {
+        if group == 0 || group > MAX_GROUP || u16::from(group) > self.config.shards {
+            return Err(ConfigError::Invalid {
+                key: "class_policies.group",
+                why: "must be between 1 and 8 and not exceed the number of shards",
+            });
+        }
+        self.class_group[class as usize] = group;
         Ok(())
     }
 

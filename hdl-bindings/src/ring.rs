@@ -1,0 +1,310 @@
+//! DMA descriptors of the command, completion and telemetry rings (layout version 1).
+//!
+//! # Command ring
+//! The host writes [`CmdDesc`]s (16 bytes) into a ring of 2^k entries in its memory and
+//! moves the doorbell (`cmd.TAIL`). A batch is the run of descriptors up to and
+//! including one with [`CMD_COMMIT`]; the device checks the whole batch first and
+//! applies all of it between two packet bursts (one epoch), or none of it. It writes one
+//! [`Completion`] (8 bytes) per descriptor at the same ring index.
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 2 | `opcode` ([`Opcode`]) |
+//! | 2 | 2 | `flags`: bit 0 [`CMD_COMMIT`] |
+//! | 4 | 4 | `arg0` |
+//! | 8 | 4 | `arg1` |
+//! | 12 | 4 | `arg2` |
+//!
+//! Completion: `index` u32 (free-running ring index of the descriptor), `status` u16
+//! ([`Status`]), `opcode` u16 (echoed).
+//!
+//! # Telemetry ring
+//! Entries of [`TELEMETRY_ENTRY_LEN`] bytes: an 8-byte [`TelemetryHeader`], then the
+//! payload — a [`crate::telemetry::FeatureRecord`] (early, interim or flow-end) or a
+//! [`CounterSnapshot`].
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::telemetry::FEATURE_RECORD_LEN;
+
+/// Flag of the last descriptor of a batch.
+pub const CMD_COMMIT: u16 = 1;
+/// Bytes of a command descriptor.
+pub const CMD_DESC_LEN: usize = 16;
+/// Bytes of a completion.
+pub const COMPLETION_LEN: usize = 8;
+/// Largest command ring: 2^16 entries.
+pub const MAX_CMD_RING_LOG2: u32 = 16;
+/// Bytes of a telemetry ring entry.
+pub const TELEMETRY_ENTRY_LEN: usize = 192;
+/// Largest telemetry ring: 2^20 entries.
+pub const MAX_TELEMETRY_RING_LOG2: u32 = 20;
+
+/// What a command descriptor asks for. Arguments not listed must be 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Opcode {
+    /// Nothing; with [`CMD_COMMIT`] it closes an epoch with no change.
+    Nop = 0,
+    /// Bucket `arg0` → shard `arg1`.
+    SetBucket = 1,
+    /// Shard `arg0` → node `arg1`.
+    SetShardNode = 2,
+    /// Node `arg0` gets state `arg1` (0 active, 1 draining, 2 down).
+    SetNodeState = 3,
+    /// Class `arg0` (index) spreads its flows over `arg1` shards (1..8).
+    SetClassGroup = 4,
+}
+
+impl Opcode {
+    pub fn from_u16(v: u16) -> Option<Opcode> {
+        Some(match v {
+            0 => Opcode::Nop,
+            1 => Opcode::SetBucket,
+            2 => Opcode::SetShardNode,
+            3 => Opcode::SetNodeState,
+            4 => Opcode::SetClassGroup,
+            _ => return None,
+        })
+    }
+}
+
+/// Outcome of one descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Status {
+    Ok = 0,
+    /// The opcode is not one of [`Opcode`].
+    BadOpcode = 1,
+    /// An argument is out of range (no such bucket, shard, node, class or state).
+    BadArgument = 2,
+    /// Another descriptor of the batch failed, so none of the batch was applied.
+    Aborted = 3,
+    /// No image runs on the device, so there are no tables to update.
+    NotRunning = 4,
+}
+
+impl Status {
+    pub fn from_u16(v: u16) -> Option<Status> {
+        Some(match v {
+            0 => Status::Ok,
+            1 => Status::BadOpcode,
+            2 => Status::BadArgument,
+            3 => Status::Aborted,
+            4 => Status::NotRunning,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::BadOpcode => "unknown opcode",
+            Status::BadArgument => "argument out of range",
+            Status::Aborted => "aborted: another descriptor of the batch failed",
+            Status::NotRunning => "no image running",
+        }
+    }
+}
+
+/// A command descriptor.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CmdDesc {
+    pub opcode: U16,
+    pub flags: U16,
+    pub arg0: U32,
+    pub arg1: U32,
+    pub arg2: U32,
+}
+
+impl CmdDesc {
+    pub fn new(op: Opcode, arg0: u32, arg1: u32) -> CmdDesc {
+        CmdDesc {
+            opcode: U16::new(op as u16),
+            flags: U16::new(0),
+            arg0: U32::new(arg0),
+            arg1: U32::new(arg1),
+            arg2: U32::new(0),
+        }
+    }
+
+    /// The same descriptor, closing its batch.
+    pub fn commit(mut self) -> CmdDesc {
+        self.flags = U16::new(self.flags.get() | CMD_COMMIT);
+        self
+    }
+
+    pub fn is_commit(&self) -> bool {
+        self.flags.get() & CMD_COMMIT != 0
+    }
+}
+
+/// A completion entry.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct Completion {
+    pub index: U32,
+    pub status: U16,
+    pub opcode: U16,
+}
+
+/// What a telemetry entry carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EntryKind {
+    /// A flow feature record (early, interim or flow-end).
+    FeatureRecord = 1,
+    /// A [`CounterSnapshot`].
+    Counters = 2,
+}
+
+/// Layout version of telemetry entries.
+pub const TELEMETRY_VERSION: u8 = 1;
+
+/// Header of a telemetry entry.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct TelemetryHeader {
+    pub kind: u8,
+    pub version: u8,
+    /// Payload bytes that follow.
+    pub len: U16,
+    /// Free-running entry number, so the host sees gaps.
+    pub seq: U32,
+}
+
+/// What a counter snapshot counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Scope {
+    Device = 0,
+    Node = 1,
+    Shard = 2,
+    Class = 3,
+}
+
+impl Scope {
+    pub fn from_u8(v: u8) -> Option<Scope> {
+        Some(match v {
+            0 => Scope::Device,
+            1 => Scope::Node,
+            2 => Scope::Shard,
+            3 => Scope::Class,
+            _ => return None,
+        })
+    }
+}
+
+/// Counters of one node, shard or class (or the whole device) at a NIC time.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CounterSnapshot {
+    pub scope: u8,
+    pub reserved: u8,
+    pub id: U16,
+    pub reserved2: U32,
+    pub nic_time_ns: U64,
+    pub packets: U64,
+    pub bytes: U64,
+    /// Flows placed (node), created (shard, class) or created (device).
+    pub flows: U64,
+    /// Flows pinned to the node now (node scope); tracked flows (device scope).
+    pub active_flows: U64,
+}
+
+/// Bytes of a counter snapshot.
+pub const COUNTER_SNAPSHOT_LEN: usize = core::mem::size_of::<CounterSnapshot>();
+
+/// A whole telemetry entry.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct TelemetryEntry {
+    pub header: TelemetryHeader,
+    pub payload: [u8; TELEMETRY_ENTRY_LEN - 8],
+}
+
+const _: () = assert!(core::mem::size_of::<CmdDesc>() == CMD_DESC_LEN);
+const _: () = assert!(core::mem::size_of::<Completion>() == COMPLETION_LEN);
+const _: () = assert!(core::mem::size_of::<TelemetryEntry>() == TELEMETRY_ENTRY_LEN);
+const _: () = assert!(FEATURE_RECORD_LEN <= TELEMETRY_ENTRY_LEN - 8);
+const _: () = assert!(COUNTER_SNAPSHOT_LEN == 48);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_little_endian_at_their_documented_offsets() {
+        let d = CmdDesc::new(Opcode::SetShardNode, 0x0102_0304, 7).commit();
+        let b = d.as_bytes();
+        assert_eq!(b, &[2, 0, 1, 0, 4, 3, 2, 1, 7, 0, 0, 0, 0, 0, 0, 0]);
+        let back = CmdDesc::read_from_bytes(b).unwrap();
+        assert!(back.is_commit());
+        assert_eq!(
+            Opcode::from_u16(back.opcode.get()),
+            Some(Opcode::SetShardNode)
+        );
+        assert!(CmdDesc::ref_from_bytes(&b[..15]).is_err());
+    }
+
+    #[test]
+    fn codes_round_trip_and_unknown_ones_are_refused() {
+        for v in 0..=4 {
+            assert_eq!(Opcode::from_u16(v).map(|o| o as u16), Some(v));
+            assert_eq!(Status::from_u16(v).map(|s| s as u16), Some(v));
+        }
+        assert_eq!(Opcode::from_u16(5), None);
+        assert_eq!(Status::from_u16(99), None);
+        assert_eq!(Scope::from_u8(4), None);
+    }
+}

@@ -1,0 +1,905 @@
+//! The emulated NIC as a PCI function: BAR0 registers from the register map, DMA into
+//! host memory, MSI-X vectors as eventfds, running the `nic-firmware` pipeline.
+//!
+//! The model is sans-I/O: a transport (in-process, vfio-user) hands it register
+//! accesses, DMA mappings and eventfds; traffic sources hand it packets. Work happens
+//! inside those calls — a doorbell write processes the command ring before it returns,
+//! a burst of packets writes its telemetry before it returns — so the same inputs give
+//! the same device state on every transport, and the in-process device is
+//! deterministic.
+//!
+//! Flash keeps two slots. The running image's slot is never written; BEGIN erases the
+//! other one, COMMIT verifies it (structure, CRC32C, ed25519 signature, table sizes) and
+//! marks it to boot at the next reset. A reset boots the marked slot and falls back to
+//! the last good one if the new image does not boot (its tables do not fit the
+//! device's memory). A flash stopped anywhere leaves the running slot as it was.
+
+use ed25519_dalek::VerifyingKey;
+use hdl_bindings::image::{ImageError, MAX_IMAGE_LEN};
+use hdl_bindings::regs::{cmd, flash, ident, telem};
+use hdl_bindings::ring::{
+    CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, CounterSnapshot, EntryKind,
+    MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2, Opcode, Scope, Status, TELEMETRY_ENTRY_LEN,
+    TELEMETRY_VERSION, TelemetryHeader,
+};
+use hdl_bindings::telemetry::FEATURE_RECORD_LEN;
+use hdl_bindings::{IRQ_CMD, IRQ_TELEMETRY, IRQ_VECTORS, PCI_DEVICE_ID, PCI_VENDOR_ID};
+use nic_firmware::pipeline::{Decision, FlowCounters, Packet};
+use nic_firmware::{Class, LinkType, Pipeline, PipelineConfig};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::dma::{DmaSpace, EventFd, Mapping};
+use crate::image;
+
+/// Flash commands (`flash.CMD.OP`).
+pub mod flash_op {
+    pub const BEGIN: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const COMMIT: u32 = 3;
+    pub const ABORT: u32 = 4;
+}
+
+/// Flash states (`flash.STATUS.STATE`).
+pub mod flash_state {
+    pub const IDLE: u32 = 0;
+    pub const WRITING: u32 = 1;
+    pub const COMMITTED: u32 = 2;
+    pub const FAILED: u32 = 3;
+}
+
+/// What the device is built with.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// The only key whose images the flash accepts.
+    pub trusted_key: VerifyingKey,
+    /// Memory for the data plane's tables; an image whose tables need more fails to boot.
+    pub memory_bytes: u64,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            trusted_key: image::dev_verifying_key(),
+            memory_bytes: 4 << 30,
+        }
+    }
+}
+
+/// Memory the data plane of `config` needs: connection table entries, bucket and shard
+/// tables and the feature staging area.
+pub fn memory_needed(config: &PipelineConfig) -> u64 {
+    u64::from(config.flow_capacity).next_power_of_two()
+        * nic_firmware::conntable::ENTRY_BYTES as u64
+        + u64::from(config.buckets) * 2
+        + u64::from(config.shards) * 2
+        + u64::from(config.feature_slots) * 128
+}
+
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Writing(Vec<u8>),
+    Valid { image: Vec<u8>, version: u32 },
+}
+
+#[derive(Debug, Default)]
+struct CmdRing {
+    ring: u64,
+    cq: u64,
+    log2: u32,
+    tail: u32,
+    head: u32,
+    epoch: u32,
+    errors: u32,
+}
+
+#[derive(Debug, Default)]
+struct TelemRing {
+    ring: u64,
+    log2: u32,
+    head: u32,
+    tail: u32,
+    overflow: u32,
+    snapshot_us: u32,
+    next_snapshot_ns: u64,
+    seq: u32,
+}
+
+/// The emulated NIC.
+#[derive(Debug)]
+pub struct NicDevice {
+    opts: DeviceOptions,
+    slots: [Slot; 2],
+    active: usize,
+    pending: Option<usize>,
+    fell_back: bool,
+    resets: u32,
+    flash_src: u64,
+    flash_len: u32,
+    flash_offset: u32,
+    flash_state: u32,
+    flash_error: (u8, u32),
+    pipeline: Option<Pipeline>,
+    fw_version: u32,
+    dma: DmaSpace,
+    irqs: Vec<Option<EventFd>>,
+    cmd: CmdRing,
+    telem: TelemRing,
+    scratch: u32,
+    time_hi: u32,
+}
+
+/// Size of the PCI configuration space the device serves.
+pub const CONFIG_SPACE_LEN: usize = 256;
+/// VFIO region index of BAR0.
+pub const REGION_BAR0: u32 = 0;
+/// VFIO region index of the PCI configuration space.
+pub const REGION_CONFIG: u32 = 7;
+
+/// A region access the device cannot serve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("region {region}: {len} bytes at {offset:#x}: {why}")]
+pub struct RegionError {
+    pub region: u32,
+    pub offset: u64,
+    pub len: usize,
+    pub why: &'static str,
+}
+
+/// BAR0 accesses are whole aligned 32-bit words inside the BAR.
+fn bar0_access(offset: u64, len: usize) -> Result<u32, RegionError> {
+    let fail = |why| RegionError {
+        region: REGION_BAR0,
+        offset,
+        len,
+        why,
+    };
+    if !offset.is_multiple_of(4) || !len.is_multiple_of(4) || len == 0 {
+        return Err(fail("registers are aligned 32-bit words"));
+    }
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= u64::from(hdl_bindings::BAR0_SIZE) => Ok(offset as u32),
+        _ => Err(fail("outside BAR0")),
+    }
+}
+
+fn lo(v: u64) -> u32 {
+    v as u32
+}
+
+fn set_lo(v: &mut u64, x: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(x);
+}
+
+fn set_hi(v: &mut u64, x: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(x) << 32);
+}
+
+impl NicDevice {
+    /// A device at power-on: both flash slots empty, no image running.
+    pub fn new(opts: DeviceOptions) -> NicDevice {
+        NicDevice {
+            opts,
+            slots: [Slot::Empty, Slot::Empty],
+            active: 0,
+            pending: None,
+            fell_back: false,
+            resets: 0,
+            flash_src: 0,
+            flash_len: 0,
+            flash_offset: 0,
+            flash_state: flash_state::IDLE,
+            flash_error: (0, 0),
+            pipeline: None,
+            fw_version: 0,
+            dma: DmaSpace::default(),
+            irqs: (0..IRQ_VECTORS).map(|_| None).collect(),
+            cmd: CmdRing::default(),
+            telem: TelemRing::default(),
+            scratch: 0,
+            time_hi: 0,
+        }
+    }
+
+    /// PCI configuration space: ids, class (network controller), BAR0 as 32-bit memory.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let mut c = [0u8; CONFIG_SPACE_LEN];
+        c[0..2].copy_from_slice(&PCI_VENDOR_ID.to_le_bytes());
+        c[2..4].copy_from_slice(&PCI_DEVICE_ID.to_le_bytes());
+        c[0x0a] = 0x00; // subclass: Ethernet
+        c[0x0b] = 0x02; // class: network controller
+        c[0x2c..0x2e].copy_from_slice(&PCI_VENDOR_ID.to_le_bytes());
+        c[0x2e..0x30].copy_from_slice(&PCI_DEVICE_ID.to_le_bytes());
+        c
+    }
+
+    /// Serve a region read: BAR0 as aligned 32-bit registers, the configuration space
+    /// as bytes. Every transport goes through here, so all present the same device.
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RegionError> {
+        match region {
+            REGION_BAR0 => {
+                let base = bar0_access(offset, buf.len())?;
+                for (i, w) in buf.chunks_exact_mut(4).enumerate() {
+                    w.copy_from_slice(&self.read(base + 4 * i as u32).to_le_bytes());
+                }
+                Ok(())
+            }
+            REGION_CONFIG => {
+                let cs = self.config_space();
+                let src = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| cs.get(o..o.checked_add(buf.len())?))
+                    .ok_or(RegionError {
+                        region,
+                        offset,
+                        len: buf.len(),
+                        why: "outside the configuration space",
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            _ => Err(RegionError {
+                region,
+                offset,
+                len: buf.len(),
+                why: "no such region",
+            }),
+        }
+    }
+
+    /// Serve a region write. Configuration-space writes (command register, BAR sizing)
+    /// have no effect on a function whose BAR is fixed.
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), RegionError> {
+        match region {
+            REGION_BAR0 => {
+                let base = bar0_access(offset, data.len())?;
+                for (i, w) in data.chunks_exact(4).enumerate() {
+                    self.write(
+                        base + 4 * i as u32,
+                        u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+                    );
+                }
+                Ok(())
+            }
+            REGION_CONFIG if (offset as usize).saturating_add(data.len()) <= CONFIG_SPACE_LEN => {
+                Ok(())
+            }
+            REGION_CONFIG => Err(RegionError {
+                region,
+                offset,
+                len: data.len(),
+                why: "outside the configuration space",
+            }),
+            _ => Err(RegionError {
+                region,
+                offset,
+                len: data.len(),
+                why: "no such region",
+            }),
+        }
+    }
+
+    /// The host went away (connection closed, driver unbound): drop its DMA mappings
+    /// and interrupts and stop the rings, which pointed into its memory. Tables,
+    /// counters and flash slots stay, as on a real NIC.
+    pub fn detach(&mut self) {
+        self.dma = DmaSpace::default();
+        self.irqs.iter_mut().for_each(|i| *i = None);
+        self.cmd.log2 = 0;
+        self.telem.log2 = 0;
+    }
+
+    /// The running data plane, if an image booted.
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.pipeline.as_ref()
+    }
+
+    pub fn dma_map(&mut self, iova: u64, map: Mapping) -> std::io::Result<()> {
+        self.dma.map(iova, map)
+    }
+
+    pub fn dma_unmap(&mut self, iova: u64, len: u64) {
+        self.dma.unmap(iova, len);
+    }
+
+    /// Connect (or, with `None`, disconnect) an MSI-X vector.
+    pub fn set_irq(&mut self, vector: u32, fd: Option<EventFd>) -> Result<(), String> {
+        let slot = self
+            .irqs
+            .get_mut(vector as usize)
+            .ok_or_else(|| format!("no MSI-X vector {vector} (the device has {IRQ_VECTORS})"))?;
+        *slot = fd;
+        Ok(())
+    }
+
+    fn raise(&self, vector: u32) {
+        if let Some(Some(fd)) = self.irqs.get(vector as usize) {
+            // An interrupt the host stopped listening to is lost, as on a real bus; the
+            // ring indices still tell the host everything.
+            let _ = fd.signal();
+        }
+    }
+
+    /// Read a 32-bit register; offsets that hold no register read 0, as on hardware.
+    pub fn read(&mut self, offset: u32) -> u32 {
+        let (block, reg) = (offset & !0xff, offset & 0xff);
+        let header = |ty: u32, major: u16, minor: u16, next: u32| match reg {
+            0x00 => Some(ty),
+            0x04 => Some((u32::from(major) << 16) | u32::from(minor)),
+            0x08 => Some(next),
+            _ => None,
+        };
+        let hdr = match block {
+            ident::BASE => header(
+                ident::TYPE_ID,
+                ident::VERSION_MAJOR,
+                ident::VERSION_MINOR,
+                ident::NEXT,
+            ),
+            cmd::BASE => header(
+                cmd::TYPE_ID,
+                cmd::VERSION_MAJOR,
+                cmd::VERSION_MINOR,
+                cmd::NEXT,
+            ),
+            telem::BASE => header(
+                telem::TYPE_ID,
+                telem::VERSION_MAJOR,
+                telem::VERSION_MINOR,
+                telem::NEXT,
+            ),
+            flash::BASE => header(
+                flash::TYPE_ID,
+                flash::VERSION_MAJOR,
+                flash::VERSION_MINOR,
+                flash::NEXT,
+            ),
+            _ => return 0,
+        };
+        if let Some(v) = hdr {
+            return v;
+        }
+        let p = self.pipeline.as_ref();
+        match (block, reg) {
+            (ident::BASE, ident::FW_VERSION) => self.fw_version,
+            (ident::BASE, ident::BOOT) => {
+                let mut v = ident::boot::SLOT.set(0, self.active as u32);
+                v = ident::boot::RUNNING.set(v, u32::from(p.is_some()));
+                v = ident::boot::FELL_BACK.set(v, u32::from(self.fell_back));
+                ident::boot::RESETS.set(v, self.resets)
+            }
+            (ident::BASE, ident::TIME_LO) => {
+                let now = p.map_or(0, |p| p.now_ns());
+                self.time_hi = (now >> 32) as u32;
+                now as u32
+            }
+            (ident::BASE, ident::TIME_HI) => self.time_hi,
+            (ident::BASE, ident::SCRATCH) => self.scratch,
+            (ident::BASE, ident::FLOW_CAPACITY) => p.map_or(0, |p| p.table().capacity()),
+            (ident::BASE, ident::FLOWS_ACTIVE) => p.map_or(0, |p| p.table().len()),
+            (ident::BASE, ident::BUCKETS) => p.map_or(0, |p| p.bucket_table().len() as u32),
+            (ident::BASE, ident::SHARDS) => p.map_or(0, |p| p.shard_table().len() as u32),
+            (ident::BASE, ident::NODES) => p.map_or(0, |p| p.counters().nodes.len() as u32),
+            (cmd::BASE, cmd::RING_LO) => lo(self.cmd.ring),
+            (cmd::BASE, cmd::RING_HI) => (self.cmd.ring >> 32) as u32,
+            (cmd::BASE, cmd::CQ_LO) => lo(self.cmd.cq),
+            (cmd::BASE, cmd::CQ_HI) => (self.cmd.cq >> 32) as u32,
+            (cmd::BASE, cmd::SIZE) => self.cmd.log2,
+            (cmd::BASE, cmd::TAIL) => self.cmd.tail,
+            (cmd::BASE, cmd::HEAD) => self.cmd.head,
+            (cmd::BASE, cmd::EPOCH) => self.cmd.epoch,
+            (cmd::BASE, cmd::ERRORS) => self.cmd.errors,
+            (telem::BASE, telem::RING_LO) => lo(self.telem.ring),
+            (telem::BASE, telem::RING_HI) => (self.telem.ring >> 32) as u32,
+            (telem::BASE, telem::SIZE) => self.telem.log2,
+            (telem::BASE, telem::HEAD) => self.telem.head,
+            (telem::BASE, telem::TAIL) => self.telem.tail,
+            (telem::BASE, telem::OVERFLOW) => self.telem.overflow,
+            (telem::BASE, telem::SNAPSHOT_US) => self.telem.snapshot_us,
+            (flash::BASE, flash::SRC_LO) => lo(self.flash_src),
+            (flash::BASE, flash::SRC_HI) => (self.flash_src >> 32) as u32,
+            (flash::BASE, flash::LEN) => self.flash_len,
+            (flash::BASE, flash::OFFSET) => self.flash_offset,
+            (flash::BASE, flash::STATUS) => {
+                let v = flash::status::STATE.set(0, self.flash_state);
+                flash::status::ERROR.set(v, u32::from(self.flash_error.0))
+            }
+            (flash::BASE, flash::DETAIL) => self.flash_error.1,
+            (flash::BASE, flash::SLOTS) => {
+                let valid = |i: usize| u32::from(matches!(self.slots[i], Slot::Valid { .. }));
+                let mut v = flash::slots::A_VALID.set(0, valid(0));
+                v = flash::slots::B_VALID.set(v, valid(1));
+                v = flash::slots::ACTIVE.set(v, self.active as u32);
+                v = flash::slots::PENDING.set(v, u32::from(self.pending.is_some()));
+                v = flash::slots::NEXT.set(v, self.pending.unwrap_or(self.active) as u32);
+                flash::slots::SIG_REQUIRED.set(v, 1)
+            }
+            (flash::BASE, flash::A_VERSION) => self.slot_version(0),
+            (flash::BASE, flash::B_VERSION) => self.slot_version(1),
+            (flash::BASE, flash::MAX_LEN) => MAX_IMAGE_LEN as u32,
+            _ => 0,
+        }
+    }
+
+    fn slot_version(&self, i: usize) -> u32 {
+        match self.slots[i] {
+            Slot::Valid { version, .. } => version,
+            _ => 0,
+        }
+    }
+
+    /// Write a 32-bit register; read-only and unknown offsets ignore writes.
+    pub fn write(&mut self, offset: u32, v: u32) {
+        match (offset & !0xff, offset & 0xff) {
+            (ident::BASE, ident::SCRATCH) => self.scratch = v,
+            (ident::BASE, ident::CONTROL) if ident::control::RESET.get(v) == 1 => self.reset(),
+            (cmd::BASE, cmd::RING_LO) => set_lo(&mut self.cmd.ring, v),
+            (cmd::BASE, cmd::RING_HI) => set_hi(&mut self.cmd.ring, v),
+            (cmd::BASE, cmd::CQ_LO) => set_lo(&mut self.cmd.cq, v),
+            (cmd::BASE, cmd::CQ_HI) => set_hi(&mut self.cmd.cq, v),
+            (cmd::BASE, cmd::SIZE) => {
+                self.cmd.log2 = cmd::size::LOG2.get(v).min(MAX_CMD_RING_LOG2);
+                self.cmd.head = 0;
+                self.cmd.tail = 0;
+            }
+            (cmd::BASE, cmd::TAIL) => {
+                self.cmd.tail = v;
+                self.process_commands();
+            }
+            (telem::BASE, telem::RING_LO) => set_lo(&mut self.telem.ring, v),
+            (telem::BASE, telem::RING_HI) => set_hi(&mut self.telem.ring, v),
+            (telem::BASE, telem::SIZE) => {
+                self.telem.log2 = telem::size::LOG2.get(v).min(MAX_TELEMETRY_RING_LOG2);
+                self.telem.head = 0;
+                self.telem.tail = 0;
+                self.drain_records();
+            }
+            (telem::BASE, telem::TAIL) => {
+                self.telem.tail = v;
+                self.drain_records();
+            }
+            (telem::BASE, telem::SNAPSHOT_US) => self.telem.snapshot_us = v,
+            (flash::BASE, flash::SRC_LO) => set_lo(&mut self.flash_src, v),
+            (flash::BASE, flash::SRC_HI) => set_hi(&mut self.flash_src, v),
+            (flash::BASE, flash::LEN) => self.flash_len = v,
+            (flash::BASE, flash::OFFSET) => self.flash_offset = v,
+            (flash::BASE, flash::CMD) => self.flash_command(flash::cmd::OP.get(v)),
+            _ => {}
+        }
+    }
+
+    // ---- flash ---------------------------------------------------------------------
+
+    /// The slot a flash writes: the one not running.
+    fn target_slot(&self) -> usize {
+        1 - self.active
+    }
+
+    fn flash_command(&mut self, op: u32) {
+        let result = match op {
+            flash_op::BEGIN => self.flash_begin(),
+            flash_op::WRITE => self.flash_write(),
+            flash_op::COMMIT => self.flash_commit(),
+            flash_op::ABORT => {
+                self.erase_target();
+                self.flash_state = flash_state::IDLE;
+                Ok(())
+            }
+            _ => Err(ImageError::Sequence { offset: 0 }),
+        };
+        match result {
+            Ok(()) => self.flash_error = (0, 0),
+            Err(e) => {
+                self.flash_error = e.to_code();
+                if op != flash_op::WRITE || !matches!(e, ImageError::DmaFault { .. }) {
+                    self.erase_target();
+                    self.flash_state = flash_state::FAILED;
+                }
+            }
+        }
+    }
+
+    fn erase_target(&mut self) {
+        let t = self.target_slot();
+        self.slots[t] = Slot::Empty;
+        if self.pending == Some(t) {
+            self.pending = None;
+        }
+    }
+
+    fn flash_begin(&mut self) -> Result<(), ImageError> {
+        self.erase_target();
+        if self.flash_len as usize > MAX_IMAGE_LEN {
+            return Err(ImageError::TooLarge {
+                len: self.flash_len,
+            });
+        }
+        self.slots[self.target_slot()] = Slot::Writing(vec![0; self.flash_len as usize]);
+        self.flash_state = flash_state::WRITING;
+        Ok(())
+    }
+
+    fn flash_write(&mut self) -> Result<(), ImageError> {
+        let t = self.target_slot();
+        let (off, len) = (self.flash_offset as usize, self.flash_len as usize);
+        let Slot::Writing(buf) = &mut self.slots[t] else {
+            return Err(ImageError::Sequence {
+                offset: self.flash_offset,
+            });
+        };
+        let chunk = off
+            .checked_add(len)
+            .and_then(|end| buf.get_mut(off..end))
+            .ok_or(ImageError::Sequence {
+                offset: self.flash_offset,
+            })?;
+        self.dma
+            .read(self.flash_src, chunk)
+            .map_err(|f| ImageError::DmaFault {
+                addr: f.iova as u32,
+            })
+    }
+
+    fn flash_commit(&mut self) -> Result<(), ImageError> {
+        let t = self.target_slot();
+        let Slot::Writing(buf) = std::mem::replace(&mut self.slots[t], Slot::Empty) else {
+            return Err(ImageError::Sequence { offset: 0 });
+        };
+        let info = image::verify(&buf, Some(&self.opts.trusted_key))?;
+        self.slots[t] = Slot::Valid {
+            image: buf,
+            version: info.image_version,
+        };
+        self.pending = Some(t);
+        self.flash_state = flash_state::COMMITTED;
+        Ok(())
+    }
+
+    /// Put an image straight into slot A and boot it, as a factory programmer would;
+    /// it is verified exactly as a flashed one.
+    pub fn preload(&mut self, img: Vec<u8>) -> Result<(), ImageError> {
+        let info = image::verify(&img, Some(&self.opts.trusted_key))?;
+        self.slots[0] = Slot::Valid {
+            image: img,
+            version: info.image_version,
+        };
+        self.active = 0;
+        self.pending = Some(0);
+        self.reset();
+        Ok(())
+    }
+
+    // ---- reset and boot ------------------------------------------------------------
+
+    /// Reset the data plane: boot the pending slot if any, falling back to the last good
+    /// slot if it does not boot. Rings are disabled until the host sets them up again.
+    pub fn reset(&mut self) {
+        self.resets = (self.resets + 1) & 0xff;
+        self.cmd = CmdRing::default();
+        self.telem = TelemRing::default();
+        self.flash_state = flash_state::IDLE;
+        self.fell_back = false;
+        let previous = self.active;
+        if let Some(next) = self.pending.take() {
+            if self.boot(next) {
+                self.active = next;
+                return;
+            }
+            self.fell_back = true;
+        }
+        if !self.boot(previous) {
+            self.pipeline = None;
+            self.fw_version = 0;
+        }
+    }
+
+    fn boot(&mut self, slot: usize) -> bool {
+        let Slot::Valid { image, .. } = &self.slots[slot] else {
+            return false;
+        };
+        let Ok(info) = image::verify(image, Some(&self.opts.trusted_key)) else {
+            return false;
+        };
+        if memory_needed(&info.config) > self.opts.memory_bytes {
+            return false;
+        }
+        match Pipeline::new(&info.config) {
+            Ok(p) => {
+                self.pipeline = Some(p);
+                self.fw_version = info.image_version;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    // ---- command ring --------------------------------------------------------------
+
+    /// Consume every complete batch between HEAD and TAIL.
+    fn process_commands(&mut self) {
+        let entries = 1u32 << self.cmd.log2;
+        if self.cmd.log2 == 0 || self.cmd.tail.wrapping_sub(self.cmd.head) > entries {
+            // Not set up, or a tail beyond the ring: nothing can be read safely.
+            self.cmd.errors = self.cmd.errors.wrapping_add(1);
+            return;
+        }
+        let pending = self.cmd.tail.wrapping_sub(self.cmd.head);
+        if pending == 0 {
+            return;
+        }
+        let mut descs = vec![CmdDesc::default(); pending as usize];
+        for (i, d) in descs.iter_mut().enumerate() {
+            let idx = self.cmd.head.wrapping_add(i as u32) & (entries - 1);
+            let at = self.cmd.ring + u64::from(idx) * CMD_DESC_LEN as u64;
+            if self.dma.read(at, d.as_mut_bytes()).is_err() {
+                self.cmd.errors = self.cmd.errors.wrapping_add(1);
+                return;
+            }
+        }
+        let mut start = 0;
+        let mut done = false;
+        while let Some(len) = descs[start..]
+            .iter()
+            .position(|d| d.is_commit())
+            .map(|p| p + 1)
+        {
+            let batch = &descs[start..start + len];
+            let statuses = self.apply_batch(batch);
+            for (i, (d, s)) in batch.iter().zip(&statuses).enumerate() {
+                let index = self.cmd.head.wrapping_add((start + i) as u32);
+                let c = Completion {
+                    index: U32::new(index),
+                    status: U16::new(*s as u16),
+                    opcode: d.opcode,
+                };
+                let at = self.cmd.cq + u64::from(index & (entries - 1)) * COMPLETION_LEN as u64;
+                if self.dma.write(at, c.as_bytes()).is_err() {
+                    self.cmd.errors = self.cmd.errors.wrapping_add(1);
+                }
+                if *s != Status::Ok {
+                    self.cmd.errors = self.cmd.errors.wrapping_add(1);
+                }
+            }
+            start += len;
+            done = true;
+        }
+        if start == 0 && pending == entries {
+            // A full ring with no COMMIT can never complete: refuse it whole.
+            for i in 0..pending {
+                let index = self.cmd.head.wrapping_add(i);
+                let c = Completion {
+                    index: U32::new(index),
+                    status: U16::new(Status::BadArgument as u16),
+                    opcode: descs[i as usize].opcode,
+                };
+                let at = self.cmd.cq + u64::from(index & (entries - 1)) * COMPLETION_LEN as u64;
+                let _ = self.dma.write(at, c.as_bytes());
+            }
+            self.cmd.errors = self.cmd.errors.wrapping_add(pending);
+            start = pending as usize;
+            done = true;
+        }
+        self.cmd.head = self.cmd.head.wrapping_add(start as u32);
+        if done {
+            self.raise(IRQ_CMD);
+        }
+    }
+
+    /// Check every descriptor of a batch, then apply all of them or none.
+    fn apply_batch(&mut self, batch: &[CmdDesc]) -> Vec<Status> {
+        let Some(p) = self.pipeline.as_mut() else {
+            return vec![Status::NotRunning; batch.len()];
+        };
+        let statuses: Vec<Status> = batch.iter().map(|d| check(p, d)).collect();
+        if statuses.iter().any(|s| *s != Status::Ok) {
+            return statuses
+                .into_iter()
+                .map(|s| if s == Status::Ok { Status::Aborted } else { s })
+                .collect();
+        }
+        for d in batch {
+            // Checked above against the same tables, so applying cannot fail.
+            let (a0, a1) = (d.arg0.get(), d.arg1.get());
+            let _ = match Opcode::from_u16(d.opcode.get()) {
+                Some(Opcode::SetBucket) => p.set_bucket(a0, a1 as u16),
+                Some(Opcode::SetShardNode) => p.set_shard_node(a0 as u16, a1 as u16),
+                Some(Opcode::SetNodeState) => match image::node_state_from_code(a1) {
+                    Some(s) => p.set_node_state(a0 as u16, s),
+                    None => Ok(()),
+                },
+                Some(Opcode::SetClassGroup) => match Class::from_index(a0 as u8) {
+                    Some(c) => p.set_class_group(c, a1 as u8),
+                    None => Ok(()),
+                },
+                Some(Opcode::Nop) | None => Ok(()),
+            };
+        }
+        self.cmd.epoch = self.cmd.epoch.wrapping_add(1);
+        statuses
+    }
+
+    // ---- traffic and telemetry -----------------------------------------------------
+
+    /// Offer a burst of packets to the data plane (dropped, uncounted by the device,
+    /// when no image runs — as a NIC without firmware receives nothing); decisions are
+    /// appended to `out`. Telemetry produced by the burst is written before it returns.
+    pub fn receive(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
+        let Some(p) = self.pipeline.as_mut() else {
+            return;
+        };
+        p.process_burst(link, pkts, out);
+        self.drain_records();
+        self.snapshot_if_due();
+    }
+
+    /// End every flow (flow-end records go to the telemetry ring).
+    pub fn flush(&mut self) {
+        if let Some(p) = self.pipeline.as_mut() {
+            p.flush();
+        }
+        self.drain_records();
+    }
+
+    fn ring_space(&self) -> u32 {
+        if self.telem.log2 == 0 {
+            return 0;
+        }
+        (1u32 << self.telem.log2).saturating_sub(self.telem.head.wrapping_sub(self.telem.tail))
+    }
+
+    /// Write one entry at HEAD; false (and counted) when the ring is full or off.
+    fn push_entry(&mut self, kind: EntryKind, payload: &[u8]) -> bool {
+        if self.ring_space() == 0 {
+            self.telem.overflow = self.telem.overflow.wrapping_add(1);
+            return false;
+        }
+        let mut entry = [0u8; TELEMETRY_ENTRY_LEN];
+        let h = TelemetryHeader {
+            kind: kind as u8,
+            version: TELEMETRY_VERSION,
+            len: U16::new(payload.len() as u16),
+            seq: U32::new(self.telem.seq),
+        };
+        entry[..8].copy_from_slice(h.as_bytes());
+        entry[8..8 + payload.len()].copy_from_slice(payload);
+        let idx = self.telem.head & ((1 << self.telem.log2) - 1);
+        let at = self.telem.ring + u64::from(idx) * TELEMETRY_ENTRY_LEN as u64;
+        if self.dma.write(at, &entry).is_err() {
+            self.telem.overflow = self.telem.overflow.wrapping_add(1);
+            return false;
+        }
+        self.telem.seq = self.telem.seq.wrapping_add(1);
+        self.telem.head = self.telem.head.wrapping_add(1);
+        true
+    }
+
+    /// Move feature records from the pipeline into the ring; those that find it full
+    /// are counted in OVERFLOW. With the ring off they wait in the pipeline's queue
+    /// (which counts its own overflow).
+    fn drain_records(&mut self) {
+        if self.telem.log2 == 0 {
+            return;
+        }
+        let Some(p) = self.pipeline.as_mut() else {
+            return;
+        };
+        let records: Vec<[u8; FEATURE_RECORD_LEN]> =
+            p.drain_records().map(|r| r.to_bytes()).collect();
+        let mut wrote = false;
+        for r in &records {
+            wrote |= self.push_entry(EntryKind::FeatureRecord, r);
+        }
+        if wrote {
+            self.raise(IRQ_TELEMETRY);
+        }
+    }
+
+    fn snapshot_if_due(&mut self) {
+        let Some(p) = self.pipeline.as_ref() else {
+            return;
+        };
+        if self.telem.snapshot_us == 0 || p.now_ns() < self.telem.next_snapshot_ns {
+            return;
+        }
+        let now = p.now_ns();
+        let c = p.counters();
+        let mut snaps = Vec::with_capacity(1 + c.nodes.len() + c.shards.len() + Class::COUNT + 1);
+        let snap = |scope: Scope, id: usize, f: FlowCounters, active: u64| CounterSnapshot {
+            scope: scope as u8,
+            id: U16::new(id as u16),
+            nic_time_ns: U64::new(now),
+            packets: U64::new(f.packets),
+            bytes: U64::new(f.bytes),
+            flows: U64::new(f.flows),
+            active_flows: U64::new(active),
+            ..CounterSnapshot::default()
+        };
+        let device = FlowCounters {
+            packets: c.packets(),
+            bytes: c.bytes,
+            flows: c.flows_created,
+        };
+        snaps.push(snap(Scope::Device, 0, device, u64::from(p.table().len())));
+        for (i, n) in c.nodes.iter().enumerate() {
+            let f = FlowCounters {
+                packets: n.packets,
+                bytes: n.bytes,
+                flows: n.flows,
+            };
+            snaps.push(snap(Scope::Node, i, f, n.active_flows));
+        }
+        for (i, s) in c.shards.iter().enumerate() {
+            snaps.push(snap(Scope::Shard, i, *s, 0));
+        }
+        for (i, s) in c.classes.iter().enumerate() {
+            snaps.push(snap(Scope::Class, i, *s, 0));
+        }
+        self.telem.next_snapshot_ns = now + u64::from(self.telem.snapshot_us) * 1000;
+        let mut wrote = false;
+        for s in &snaps {
+            wrote |= self.push_entry(EntryKind::Counters, s.as_bytes());
+        }
+        if wrote {
+            self.raise(IRQ_TELEMETRY);
+        }
+    }
+}
+
+/// Whether a descriptor can be applied to `p` as it is now.
+fn check(p: &Pipeline, d: &CmdDesc) -> Status {
+    let (a0, a1) = (d.arg0.get(), d.arg1.get());
+    let node_known = |n: u32| p.nodes().any(|c| u32::from(c.id) == n);
+    let ok = match Opcode::from_u16(d.opcode.get()) {
+        None => return Status::BadOpcode,
+        Some(Opcode::Nop) => true,
+        Some(Opcode::SetBucket) => {
+            (a0 as usize) < p.bucket_table().len() && (a1 as usize) < p.shard_table().len()
+        }
+        Some(Opcode::SetShardNode) => (a0 as usize) < p.shard_table().len() && node_known(a1),
+        Some(Opcode::SetNodeState) => node_known(a0) && image::node_state_from_code(a1).is_some(),
+        Some(Opcode::SetClassGroup) => {
+            Class::from_index(a0.min(255) as u8).is_some()
+                && a0 < Class::COUNT as u32
+                && (1..=u32::from(nic_firmware::config::MAX_GROUP)).contains(&a1)
+                && a1 <= p.shard_table().len() as u32
+        }
+    };
+    if ok { Status::Ok } else { Status::BadArgument }
+}
+
+/// Telemetry entries as the host reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TelemetryItem {
+    Record(hdl_bindings::telemetry::FeatureRecord),
+    Counters(CounterSnapshot),
+}
+
+/// Decode one telemetry entry; `None` for a kind or layout this build does not know.
+pub fn decode_entry(entry: &[u8]) -> Option<(u32, TelemetryItem)> {
+    let (h, rest) = TelemetryHeader::read_from_prefix(entry).ok()?;
+    if h.version != TELEMETRY_VERSION {
+        return None;
+    }
+    let payload = rest.get(..h.len.get() as usize)?;
+    let item = match h.kind {
+        k if k == EntryKind::FeatureRecord as u8 => {
+            TelemetryItem::Record(hdl_bindings::telemetry::FeatureRecord::from_bytes(payload).ok()?)
+        }
+        k if k == EntryKind::Counters as u8 => {
+            TelemetryItem::Counters(CounterSnapshot::read_from_bytes(payload).ok()?)
+        }
+        _ => return None,
+    };
+    Some((h.seq.get(), item))
+}

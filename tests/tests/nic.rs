@@ -1,0 +1,501 @@
+//! The driver against the emulated NIC, end to end: flash, bad images, interrupted
+//! flashes, boot fallback, command batches, telemetry. Every test runs over each
+//! transport with the same driver code; the device model is shared with the test so it
+//! can offer packets and look inside.
+
+use std::sync::{Arc, Mutex};
+
+use flowshard::device::{Device, InProcess, VfioUser};
+use flowshard::driver::{Nic, NicError};
+use hdl_bindings::image::{HEADER_LEN, ImageError, config_key_id};
+use hdl_bindings::ring::{CmdDesc, Opcode, Scope, Status};
+use hdl_bindings::telemetry::{EndReason, RecordKind};
+use hw_sim::device::{DeviceOptions, NicDevice, TelemetryItem};
+use hw_sim::dma::EventFd;
+use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
+use hw_sim::image::{build, dev_signing_key, sign};
+use nic_firmware::pipeline::{Decision, Packet};
+use nic_firmware::{LinkType, PipelineConfig};
+
+/// A device model and a way to reach it.
+struct Rig {
+    model: Arc<Mutex<NicDevice>>,
+    connect: Box<dyn Fn() -> Box<dyn Device>>,
+    _socket_dir: Option<tempfile::TempDir>,
+}
+
+impl Rig {
+    fn open(&self) -> Nic<Box<dyn Device>> {
+        Nic::open((self.connect)()).unwrap()
+    }
+
+    /// Offer one packet of each of `flows` flows at time `ts_ns`.
+    fn traffic(&self, flows: std::ops::Range<u32>, ts_ns: u64) -> Vec<Decision> {
+        let mut frames = vec![[0u8; FRAME_LEN]; flows.len()];
+        for (f, buf) in flows.zip(frames.iter_mut()) {
+            write_frame(f, buf);
+        }
+        let pkts: Vec<Packet<'_>> = frames
+            .iter()
+            .map(|d| Packet {
+                ts_ns,
+                data: d,
+                wire_len: WIRE_LEN,
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut dev = self.model.lock().unwrap();
+        for burst in pkts.chunks(32) {
+            dev.receive(LinkType::Ethernet, burst, &mut out);
+        }
+        out
+    }
+}
+
+fn in_process(opts: DeviceOptions) -> Rig {
+    let model = Arc::new(Mutex::new(NicDevice::new(opts)));
+    let m = model.clone();
+    Rig {
+        model,
+        connect: Box::new(move || Box::new(InProcess::new(m.clone())) as Box<dyn Device>),
+        _socket_dir: None,
+    }
+}
+
+/// The model served over a real vfio-user socket by a server thread, as
+/// `flowshard nic-sim` serves it; every `connect` is a new client connection.
+fn vfio_user(opts: DeviceOptions) -> Rig {
+    let model = Arc::new(Mutex::new(NicDevice::new(opts)));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let (m, s) = (model.clone(), socket.clone());
+    std::thread::spawn(move || hw_sim::vfio_user_server::serve(&s, m));
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Rig {
+        model,
+        connect: Box::new(move || Box::new(VfioUser::connect(&socket).unwrap()) as Box<dyn Device>),
+        _socket_dir: Some(dir),
+    }
+}
+
+/// Run `test` on a fresh device over every transport.
+fn each_transport(opts: DeviceOptions, test: impl Fn(&Rig)) {
+    test(&in_process(opts.clone()));
+    test(&vfio_user(opts));
+}
+
+fn image(version: u32, config: &PipelineConfig) -> Vec<u8> {
+    sign(&build(config, version).unwrap(), &dev_signing_key()).unwrap()
+}
+
+fn flash(
+    nic: &mut Nic<Box<dyn Device>>,
+    img: &[u8],
+) -> Result<flowshard::driver::FlashReport, NicError> {
+    nic.flash(img, 256, &mut |_, _| true)
+}
+
+fn rejected(r: Result<flowshard::driver::FlashReport, NicError>) -> ImageError {
+    match r {
+        Err(NicError::Rejected { error, .. }) => error,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn flash_an_image_and_status_shows_it() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        let before = nic.status().unwrap();
+        assert!(!before.running);
+        assert_eq!(before.image_version, 0);
+        assert!(before.signature_required);
+        let report = flash(&mut nic, &image(3, &PipelineConfig::default())).unwrap();
+        assert_eq!(
+            (report.slot, report.image_version, report.previous_version),
+            ('B', 3, 0)
+        );
+        let s = nic.status().unwrap();
+        assert!(s.running && !s.fell_back);
+        assert_eq!((s.slot, s.image_version), ('B', 3));
+        assert_eq!(s.buckets, 65_536);
+        assert_eq!(s.shards, 64);
+        assert_eq!(s.nodes, 4);
+        assert!(s.flow_capacity >= 1 << 20);
+        assert!(s.slot_b.valid && s.slot_b.version == 3 && !s.slot_a.valid);
+        assert_eq!(s.pending, None);
+        // A second image goes to the other slot; the first stays as the fallback.
+        let small = PipelineConfig {
+            buckets: 1024,
+            ..PipelineConfig::default()
+        };
+        flash(&mut nic, &image(4, &small)).unwrap();
+        let s = nic.status().unwrap();
+        assert_eq!((s.slot, s.image_version, s.buckets), ('A', 4, 1024));
+        assert!(s.slot_a.valid && s.slot_b.valid && s.slot_b.version == 3);
+        nic.round_trip(0xdead_beef).unwrap();
+    });
+}
+
+#[test]
+fn every_kind_of_bad_image_is_rejected_and_the_device_is_untouched() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        let good = image(1, &PipelineConfig::default());
+        flash(&mut nic, &good).unwrap();
+        rig.traffic(0..100, 1_000);
+        let before = nic.status().unwrap();
+        let reseal_header = |b: &mut Vec<u8>| {
+            let crc = crc32c(&b[..60]);
+            b[60..64].copy_from_slice(&crc.to_le_bytes());
+        };
+        let mut cases: Vec<(&str, Vec<u8>, ImageError)> = Vec::new();
+        cases.push((
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            ImageError::Truncated {
+                len: good.len() as u32 / 2,
+            },
+        ));
+        let mut b = good.clone();
+        b[..8].copy_from_slice(b"NOTANIMG");
+        cases.push(("wrong magic", b, ImageError::BadMagic));
+        let mut b = good.clone();
+        b[8] = 9;
+        cases.push((
+            "unsupported version",
+            b,
+            ImageError::UnsupportedVersion { major: 9 },
+        ));
+        let mut b = good.clone();
+        b[HEADER_LEN + 8] ^= 0x40;
+        let computed = crc32c(&b[HEADER_LEN..good.len() - 80]);
+        cases.push(("bad payload CRC", b, ImageError::BadPayloadCrc { computed }));
+        let mut b = good.clone();
+        b[24] ^= 1;
+        let computed = crc32c(&b[..60]);
+        cases.push(("bad header CRC", b, ImageError::BadHeaderCrc { computed }));
+        let unsigned = build(&PipelineConfig::default(), 1).unwrap();
+        cases.push((
+            "missing signature",
+            unsigned.clone(),
+            ImageError::MissingSignature,
+        ));
+        let mut b = good.clone();
+        let n = b.len();
+        b[n - 5] ^= 1;
+        cases.push(("bad signature", b, ImageError::BadSignature));
+        let foreign = sign(&unsigned, &ed25519_dalek::SigningKey::from_bytes(&[7; 32])).unwrap();
+        let id = ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+            .verifying_key()
+            .to_bytes();
+        cases.push((
+            "untrusted key",
+            foreign,
+            ImageError::UntrustedKey {
+                key_id: u32::from_be_bytes([id[0], id[1], id[2], id[3]]),
+            },
+        ));
+        for (offset, key, value) in [
+            (HEADER_LEN, "flow_capacity", 0u32),
+            (HEADER_LEN + 4, "buckets", 1000),
+            (HEADER_LEN + 4, "buckets", 1 << 30),
+        ] {
+            let mut b = unsigned.clone();
+            b[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+            let crc = crc32c(&b[HEADER_LEN..]);
+            b[20..24].copy_from_slice(&crc.to_le_bytes());
+            reseal_header(&mut b);
+            cases.push((
+                "out-of-range table size",
+                sign(&b, &dev_signing_key()).unwrap(),
+                ImageError::OutOfRange {
+                    key: config_key_id(key),
+                },
+            ));
+        }
+        cases.push((
+            "too large",
+            vec![0; (1 << 20) + 1],
+            ImageError::TooLarge { len: (1 << 20) + 1 },
+        ));
+        for (what, img, want) in cases {
+            let err = rejected(flash(&mut nic, &img));
+            assert_eq!(err, want, "{what}");
+            let after = nic.status().unwrap();
+            assert_eq!(
+                (
+                    after.running,
+                    after.image_version,
+                    after.slot,
+                    after.slot_b,
+                    after.pending,
+                    after.flows_active,
+                    after.resets
+                ),
+                (
+                    before.running,
+                    before.image_version,
+                    before.slot,
+                    before.slot_b,
+                    before.pending,
+                    before.flows_active,
+                    before.resets
+                ),
+                "{what}: the device changed"
+            );
+        }
+        let msg = rejected(flash(&mut nic, &good[..10])).to_string();
+        assert!(msg.contains("truncated image: 10 bytes"), "{msg}");
+        // Still flashable afterwards.
+        flash(&mut nic, &image(2, &PipelineConfig::default())).unwrap();
+    });
+}
+
+fn crc32c(b: &[u8]) -> u32 {
+    // The CRC32C (Castagnoli) reference: bitwise, reflected, as RFC 3720 defines it.
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn a_flash_stopped_midway_leaves_a_bootable_device() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        let big = PipelineConfig {
+            port_rules: (0..2000)
+                .map(|i| nic_firmware::config::PortRule {
+                    proto: 6,
+                    ports: [i, i],
+                    class: nic_firmware::Class::Web,
+                })
+                .collect(),
+            ..PipelineConfig::default()
+        };
+        let img = image(2, &big);
+        // A vfio-user device serves one client at a time, as a PCI function has one driver.
+        drop(nic);
+        for stop_after in [256, img.len() / 2, img.len() - 1] {
+            let mut nic = rig.open();
+            let err = nic
+                .flash(&img, 256, &mut |done, _| done < stop_after)
+                .unwrap_err();
+            assert!(matches!(err, NicError::Interrupted { .. }), "{err}");
+            drop(nic);
+            // A new driver finds the old image running, and it survives a reset.
+            let mut nic = rig.open();
+            let s = nic.status().unwrap();
+            assert_eq!(
+                (s.running, s.image_version, s.slot, s.pending),
+                (true, 1, 'B', None)
+            );
+            nic.reset().unwrap();
+            let s = nic.status().unwrap();
+            assert_eq!((s.running, s.image_version, s.fell_back), (true, 1, false));
+        }
+        // The connection closing mid-flash (the process killed) is the same as stopping.
+        let mut nic = rig.open();
+        assert_eq!(flash(&mut nic, &img).unwrap().image_version, 2);
+    });
+}
+
+#[test]
+fn an_image_that_does_not_boot_falls_back_to_the_last_good_one() {
+    let opts = DeviceOptions {
+        memory_bytes: 256 << 20,
+        ..DeviceOptions::default()
+    };
+    each_transport(opts, |rig| {
+        let mut nic = rig.open();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        let huge = PipelineConfig {
+            flow_capacity: 1 << 24,
+            ..PipelineConfig::default()
+        };
+        match flash(&mut nic, &image(2, &huge)) {
+            Err(NicError::BootFailed {
+                version: 2,
+                slot: 'B',
+                running: 1,
+                ..
+            }) => {}
+            other => panic!("expected a boot failure, got {other:?}"),
+        }
+        let s = nic.status().unwrap();
+        assert!(s.running && s.fell_back);
+        assert_eq!((s.image_version, s.slot), (1, 'B'));
+        assert_eq!(
+            rig.traffic(0..10, 5).len(),
+            10,
+            "the fallback image forwards traffic"
+        );
+    });
+}
+
+#[test]
+fn command_batches_apply_whole_or_not_at_all() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        nic.setup_commands(4).unwrap();
+        let nop = [CmdDesc::new(Opcode::Nop, 0, 0)];
+        assert_eq!(nic.submit(&nop).unwrap(), vec![Status::NotRunning]);
+        nic.setup_commands(0).unwrap_err();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        nic.submit(&nop).unwrap_err(); // a reset tears the ring down
+        nic.setup_commands(7).unwrap();
+        let shards_before = rig
+            .model
+            .lock()
+            .unwrap()
+            .pipeline()
+            .unwrap()
+            .shard_table()
+            .to_vec();
+        // Move every shard to node 0, but the last descriptor names a missing node.
+        let mut batch: Vec<CmdDesc> = (0..64)
+            .map(|s| CmdDesc::new(Opcode::SetShardNode, s, 0))
+            .collect();
+        batch.push(CmdDesc::new(Opcode::SetShardNode, 0, 99));
+        let statuses = nic.submit(&batch).unwrap();
+        assert_eq!(statuses[64], Status::BadArgument);
+        assert!(statuses[..64].iter().all(|s| *s == Status::Aborted));
+        let shards_after = rig
+            .model
+            .lock()
+            .unwrap()
+            .pipeline()
+            .unwrap()
+            .shard_table()
+            .to_vec();
+        assert_eq!(
+            shards_before, shards_after,
+            "nothing of a failed batch applies"
+        );
+        for d in rig.traffic(0..500, 1_000) {
+            assert_eq!(d.node, shards_before[d.shard as usize]);
+        }
+        // The same batch without the bad descriptor applies in one epoch.
+        batch.pop();
+        assert!(nic.submit(&batch).unwrap().iter().all(|s| *s == Status::Ok));
+        assert!(
+            rig.model
+                .lock()
+                .unwrap()
+                .pipeline()
+                .unwrap()
+                .shard_table()
+                .iter()
+                .all(|n| *n == 0)
+        );
+        for d in rig.traffic(1_000..1_500, 2_000) {
+            assert_eq!(d.node, 0, "new flows follow the committed batch");
+        }
+        // Bucket, node-state, class and unknown opcodes.
+        let st = nic
+            .submit(&[
+                CmdDesc::new(Opcode::SetBucket, 5, 63),
+                CmdDesc::new(Opcode::SetNodeState, 2, 1),
+                CmdDesc::new(Opcode::SetClassGroup, 0, 4),
+            ])
+            .unwrap();
+        assert!(st.iter().all(|s| *s == Status::Ok), "{st:?}");
+        assert_eq!(
+            rig.model.lock().unwrap().pipeline().unwrap().bucket_table()[5],
+            63
+        );
+        let bad = CmdDesc {
+            opcode: 77.into(),
+            ..CmdDesc::default()
+        };
+        assert_eq!(nic.submit(&[bad]).unwrap(), vec![Status::BadOpcode]);
+        for args in [
+            (Opcode::SetBucket, 65_536, 0),
+            (Opcode::SetBucket, 0, 64),
+            (Opcode::SetNodeState, 1, 3),
+            (Opcode::SetClassGroup, 7, 1),
+            (Opcode::SetClassGroup, 0, 9),
+        ] {
+            assert_eq!(
+                nic.submit(&[CmdDesc::new(args.0, args.1, args.2)]).unwrap(),
+                vec![Status::BadArgument],
+                "{args:?}"
+            );
+        }
+        let s = nic.status().unwrap();
+        assert_eq!(s.command_ring.epoch_or_overflow, 2);
+        assert_eq!(s.command_ring.errors, 65 + 1 + 5);
+        // Many batches wrap the ring.
+        for round in 0..10u32 {
+            let batch: Vec<CmdDesc> = (0..100)
+                .map(|b| CmdDesc::new(Opcode::SetBucket, b + round, round % 64))
+                .collect();
+            assert!(nic.submit(&batch).unwrap().iter().all(|s| *s == Status::Ok));
+        }
+        assert_eq!(nic.status().unwrap().command_ring.epoch_or_overflow, 12);
+    });
+}
+
+#[test]
+fn telemetry_carries_feature_records_snapshots_and_counts_overflow() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        let irq = EventFd::new().unwrap();
+        nic.setup_telemetry(10, 1_000, &irq).unwrap();
+        for i in 0..8 {
+            rig.traffic(0..20, 10_000 + i * 100);
+        }
+        assert!(irq.wait(1000).unwrap() > 0, "the telemetry interrupt fired");
+        let t = nic.poll_telemetry().unwrap();
+        assert_eq!(t.unreadable, 0);
+        let early = t
+            .items
+            .iter()
+            .filter(|i| matches!(i, TelemetryItem::Record(r) if r.kind == RecordKind::Early))
+            .count();
+        assert_eq!(early, 20, "one early record per flow after N = 8 packets");
+        let device: Vec<_> = t
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                TelemetryItem::Counters(c) if c.scope == Scope::Device as u8 => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            device.len(),
+            1,
+            "one snapshot: NIC time moved less than the period after it"
+        );
+        assert_eq!(device[0].packets.get(), 20);
+        rig.model.lock().unwrap().flush();
+        let t = nic.poll_telemetry().unwrap();
+        let ends = t.items.iter().filter(|i| matches!(i, TelemetryItem::Record(r) if r.kind == RecordKind::End && r.end_reason == EndReason::Flushed)).count();
+        assert_eq!(ends, 20);
+        // A ring of 4 entries overflows; the loss is counted, not silent.
+        nic.setup_telemetry(2, 0, &irq).unwrap();
+        for i in 0..8 {
+            rig.traffic(100..120, 1_000_000 + i * 100);
+        }
+        let s = nic.status().unwrap();
+        assert_eq!(s.telemetry_ring.head, 4);
+        assert_eq!(s.telemetry_ring.epoch_or_overflow, 16);
+        assert_eq!(nic.poll_telemetry().unwrap().items.len(), 4);
+    });
+}
