@@ -1001,12 +1001,13 @@ impl Agent {
                 Ok((Request::Stop, _)) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok((req, answer)) => {
                     let result = self.handle(req);
+                    // Publish first, so a caller that reads after the answer sees it.
+                    self.publish()?;
                     if let Some(a) = answer {
                         // The caller may have gone (its connection closed); the change
                         // is made either way.
                         let _ = a.send(result);
                     }
-                    self.publish()?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if let Err(e) = self.tick() {

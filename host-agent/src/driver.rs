@@ -599,7 +599,7 @@ impl<D: Device> Nic<D> {
         let result = self.submit(&batch);
         let unmapped = self
             .dev
-            .dma_unmap(TABLES_IOVA, total as u64)
+            .dma_unmap(TABLES_IOVA, mem.len() as u64)
             .map_err(|e| self.err(e));
         let statuses = result?;
         unmapped?;
