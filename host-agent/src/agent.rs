@@ -280,6 +280,9 @@ pub struct Core {
     snapshot_ns: u64,
     previous_snapshot_ns: u64,
     flows: HashMap<FlowId, TrackedFlow>,
+    /// Tracked flows per class index, kept as flows come and go so a tick need not
+    /// walk the flow table.
+    tracked_by_class: [u64; Class::COUNT + 1],
     max_flows: usize,
     untracked: u64,
     unreadable: u64,
@@ -328,6 +331,7 @@ impl Core {
             snapshot_ns: 0,
             previous_snapshot_ns: 0,
             flows: HashMap::new(),
+            tracked_by_class: [0; Class::COUNT + 1],
             max_flows: cfg.max_tracked_flows,
             untracked: 0,
             unreadable: 0,
@@ -345,6 +349,13 @@ impl Core {
 
     pub fn tracked_flows(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Heap bytes of the flow table: the standard map keeps 1/8 of its slots free,
+    /// rounds slots up to a power of two and adds a control byte per slot.
+    pub fn flow_table_bytes(&self) -> usize {
+        let slots = (self.flows.capacity() * 8 / 7).next_power_of_two();
+        slots * (std::mem::size_of::<(FlowId, TrackedFlow)>() + 1)
     }
 
     /// Stage 1: counter snapshots update the view; records are returned for profiling.
@@ -413,7 +424,9 @@ impl Core {
         for r in records {
             let id = flow_id(r);
             if r.kind == RecordKind::End {
-                self.flows.remove(&id);
+                if let Some(old) = self.flows.remove(&id) {
+                    self.count_class(old.class, false);
+                }
                 continue;
             }
             let flow = TrackedFlow {
@@ -430,8 +443,16 @@ impl Core {
                 self.untracked += 1;
                 continue;
             }
-            self.flows.insert(id, flow);
+            self.count_class(r.class, true);
+            if let Some(old) = self.flows.insert(id, flow) {
+                self.count_class(old.class, false);
+            }
         }
+    }
+
+    fn count_class(&mut self, class: u8, add: bool) {
+        let c = &mut self.tracked_by_class[usize::from(class).min(Class::COUNT)];
+        *c = if add { *c + 1 } else { c.saturating_sub(1) };
     }
 
     /// Stage 3: persistence forecast — each node's next load is its last measured one.
@@ -660,10 +681,6 @@ impl Core {
                 *b += 1;
             }
         }
-        let mut tracked = [0u64; Class::COUNT + 1];
-        for f in self.flows.values() {
-            tracked[usize::from(f.class).min(Class::COUNT)] += 1;
-        }
         View {
             nic_time_ns: self.snapshot_ns,
             tracked_flows: self.flows.len() as u64,
@@ -699,7 +716,7 @@ impl Core {
             classes: (0..=Class::COUNT)
                 .map(|i| ClassView {
                     class: class_name(i as u8),
-                    tracked_flows: tracked[i],
+                    tracked_flows: self.tracked_by_class[i],
                     traffic: self.classes[i],
                 })
                 .collect(),
@@ -986,6 +1003,15 @@ impl Agent {
         };
         agent.publish()?;
         Ok(agent)
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Stage timings of the last tick.
+    pub fn last_tick(&self) -> &LoopView {
+        &self.last
     }
 
     /// The loop: a tick every `tick_ms`, requests answered as they come, until

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::agent_config::{self, LogFormat};
-use crate::{Error, bench, daemon, nic_cmd, nic_config, replay, top};
+use crate::{Error, agent_bench, bench, daemon, nic_cmd, nic_config, replay, top};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -130,6 +130,20 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The agent's memory and control-loop time with many tracked flows.
+    Agent {
+        /// Flows the agent tracks.
+        #[arg(long, default_value_t = 1_000_000)]
+        flows: u32,
+        /// Ticks to time once every flow is tracked.
+        #[arg(long, default_value_t = 200)]
+        ticks: u32,
+        /// Packets of established flows offered before each tick.
+        #[arg(long, default_value_t = 100_000)]
+        packets_per_tick: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run a parsed command line.
@@ -190,6 +204,44 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 nic_cmd::sign(&image, &key, output.as_deref())
             }
         },
+        Command::Bench {
+            what:
+                BenchCommand::Agent {
+                    flows,
+                    ticks,
+                    packets_per_tick,
+                    json,
+                },
+        } => {
+            let r = agent_bench::run(flows, ticks, packets_per_tick)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
+                );
+            } else {
+                println!(
+                    "agent: {} flows tracked ({} on the NIC)\n  flow table {:.1} MiB; process RSS {:.1} MiB before the flows, {:.1} MiB with them ({:.0} B per flow, NIC model included)\n  tick with {} packets offered: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} ticks (stages alone p50 {:.3} ms)\n  tick ingesting {} new flows' records: p50 {:.3} ms, max {:.3} ms\n  top 100 of all tracked flows: {:.1} ms",
+                    r.tracked_flows,
+                    r.nic_active_flows,
+                    r.flow_table_mib,
+                    r.rss_start_mib,
+                    r.rss_tracking_mib,
+                    r.bytes_per_flow,
+                    r.packets_per_tick,
+                    r.tick_p50_ms,
+                    r.tick_p99_ms,
+                    r.tick_max_ms,
+                    r.ticks,
+                    r.stages_p50_ms,
+                    r.records_per_fill_tick,
+                    r.fill_tick_p50_ms,
+                    r.fill_tick_max_ms,
+                    r.top100_ms
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

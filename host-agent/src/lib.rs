@@ -12,6 +12,7 @@
 //!   metrics, process lifecycle — and its live view (`flowshard top`).
 
 pub mod agent;
+pub mod agent_bench;
 pub mod agent_config;
 pub mod api;
 pub mod bench;
