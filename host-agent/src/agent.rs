@@ -42,6 +42,7 @@ use crate::agent_config::{AgentConfig, DeviceSpec};
 use crate::device::{Device, InProcess};
 use crate::driver::{Nic, NicError, Tables};
 use crate::metrics::LoopMetrics;
+use crate::node_metrics::{NodeSample, Report};
 
 /// Migrations kept for `/migrations`.
 const MIGRATION_LOG: usize = 1_000;
@@ -103,6 +104,12 @@ pub struct NodeView {
     pub traffic: Traffic,
     /// Why the agent marked the node down, if it did.
     pub down_reason: Option<String>,
+    /// `nic` (counter snapshots) or `prometheus` (the node's endpoint).
+    pub load_source: &'static str,
+    /// From the node's endpoint: busy share of its CPUs, used share of its memory.
+    pub cpu_busy: Option<f64>,
+    pub memory_used: Option<f64>,
+    pub scrape_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -231,6 +238,8 @@ pub enum Request {
         node: u16,
     },
     TopFlows(usize),
+    /// A scrape of node `0`'s endpoint.
+    NodeReport(u16, Report),
     /// Finish the loop: the NIC keeps its committed tables.
     Stop,
 }
@@ -266,6 +275,13 @@ struct Node {
     /// NIC time of the snapshot that first showed the node's current packet count.
     progress_ns: Option<u64>,
     down_reason: Option<String>,
+    /// The node's Prometheus endpoint, if its load comes from one.
+    metrics_url: Option<String>,
+    /// Agent clock (ms) of the endpoint's last answer, and the sample it gave.
+    answered: Option<(u64, NodeSample)>,
+    scrape_error: Option<String>,
+    cpu_busy: Option<f64>,
+    memory_used: Option<f64>,
 }
 
 /// The control loop's state and stages, without I/O.
@@ -317,6 +333,15 @@ impl Core {
                     forecast_gbps: 0.0,
                     progress_ns: None,
                     down_reason: None,
+                    metrics_url: cfg
+                        .nodes
+                        .iter()
+                        .find(|s| s.id == n.id)
+                        .and_then(|s| s.metrics_url.clone()),
+                    answered: None,
+                    scrape_error: None,
+                    cpu_busy: None,
+                    memory_used: None,
                 };
                 (n.id, node)
             })
@@ -391,7 +416,7 @@ impl Core {
                 Some(Scope::Node) => {
                     if let Some(n) = self.nodes.get_mut(&id) {
                         let dt = now.saturating_sub(self.previous_snapshot_ns);
-                        if dt > 0 && n.progress_ns.is_some() {
+                        if dt > 0 && n.progress_ns.is_some() && n.metrics_url.is_none() {
                             let bits = t.bytes.saturating_sub(n.traffic.bytes) as f64 * 8.0;
                             n.load_gbps = bits / dt as f64;
                         }
@@ -465,7 +490,21 @@ impl Core {
     /// Down detection, part of planning: an active node with shards that has not
     /// received a packet for `down_after_ms` of NIC time, while the NIC forwarded
     /// traffic in that time, is marked down.
-    fn detect_down(&mut self) {
+    fn detect_down(&mut self, now_ms: u64) {
+        let down_after_ms = self.down_after_ns / 1_000_000;
+        for n in self.nodes.values_mut() {
+            let Some(url) = &n.metrics_url else { continue };
+            let since = n.answered.map_or(0, |a| a.0);
+            let silent = now_ms.saturating_sub(since);
+            if n.state == NodeState::Active && silent >= down_after_ms {
+                n.state = NodeState::Down;
+                n.down_reason = Some(format!(
+                    "{url} has not answered for {silent} ms (last error: {})",
+                    n.scrape_error.as_deref().unwrap_or("none")
+                ));
+                self.replan = true;
+            }
+        }
         let now = self.snapshot_ns;
         let device_busy = self
             .device_progress_ns
@@ -488,9 +527,39 @@ impl Core {
         }
     }
 
-    /// Stage 4: node states and, if an input changed, shard placement.
-    pub fn plan(&mut self) -> Plan {
-        self.detect_down();
+    /// A node's endpoint answered (or failed) at `now_ms` of the agent's clock.
+    pub fn node_report(&mut self, id: u16, report: Report, now_ms: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let s = match report {
+            Report::Failed(e) => {
+                n.scrape_error = Some(e);
+                return;
+            }
+            Report::Sample(s) => s,
+        };
+        if let Some((at, prev)) = n.answered {
+            let dt_s = now_ms.saturating_sub(at) as f64 / 1e3;
+            let cpu = s.cpu_total_s - prev.cpu_total_s;
+            if cpu > 0.0 {
+                n.cpu_busy = Some(((s.cpu_busy_s - prev.cpu_busy_s) / cpu).clamp(0.0, 1.0));
+            }
+            if dt_s > 0.0 && s.net_bytes >= prev.net_bytes {
+                n.load_gbps = (s.net_bytes - prev.net_bytes) * 8.0 / dt_s / 1e9;
+            }
+        }
+        if s.mem_total_bytes > 0.0 {
+            n.memory_used = Some(1.0 - s.mem_available_bytes / s.mem_total_bytes);
+        }
+        n.scrape_error = None;
+        n.answered = Some((now_ms, s));
+    }
+
+    /// Stage 4: node states and, if an input changed, shard placement. `now_ms` is the
+    /// agent's clock, against which endpoints' silence is judged.
+    pub fn plan(&mut self, now_ms: u64) -> Plan {
+        self.detect_down(now_ms);
         let node_states = self.nodes.iter().map(|(id, n)| (*id, n.state)).collect();
         let mut shard_node = self.tables.shard_node.clone();
         if std::mem::take(&mut self.replan) {
@@ -699,6 +768,14 @@ impl Core {
                     active_flows: n.active_flows,
                     traffic: n.traffic,
                     down_reason: n.down_reason.clone(),
+                    load_source: if n.metrics_url.is_some() {
+                        "prometheus"
+                    } else {
+                        "nic"
+                    },
+                    cpu_busy: n.cpu_busy,
+                    memory_used: n.memory_used,
+                    scrape_error: n.scrape_error.clone(),
                 })
                 .collect(),
             shards: self
@@ -925,6 +1002,7 @@ pub struct Agent {
     metrics: Arc<LoopMetrics>,
     last: LoopView,
     image_version: u32,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Agent {
@@ -1000,6 +1078,7 @@ impl Agent {
             metrics,
             last: LoopView::default(),
             image_version: status.image_version,
+            started: Instant::now(),
         };
         agent.publish()?;
         Ok(agent)
@@ -1007,6 +1086,11 @@ impl Agent {
 
     pub fn core(&self) -> &Core {
         &self.core
+    }
+
+    /// The agent's clock: ms since it started.
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Stage timings of the last tick.
@@ -1065,12 +1149,16 @@ impl Agent {
                 self.apply(plan, Reason::Operator).map(Reply::Done)
             }
             Request::TopFlows(n) => Ok(Reply::Flows(self.core.top_flows(n))),
+            Request::NodeReport(id, r) => {
+                self.core.node_report(id, r, self.clock_ms());
+                Ok(Reply::Done(Vec::new()))
+            }
             Request::Stop => Ok(Reply::Done(Vec::new())),
         }
     }
 
     fn plan_and_apply(&mut self, reason: Reason) -> Result<Vec<Migration>, Refusal> {
-        let plan = self.core.plan();
+        let plan = self.core.plan(self.clock_ms());
         self.apply(plan, reason)
     }
 
@@ -1126,7 +1214,7 @@ impl Agent {
         let t3 = Instant::now();
         self.core.forecast();
         let t4 = Instant::now();
-        let plan = self.core.plan();
+        let plan = self.core.plan(self.clock_ms());
         let t5 = Instant::now();
         if let Err(e) = self.apply(plan, Reason::Rebalance) {
             tracing::error!(error = ?e, "applying the plan failed; the NIC keeps its tables");
@@ -1241,7 +1329,7 @@ mod tests {
                 ],
                 0,
             );
-            let plan = c.plan();
+            let plan = c.plan(0);
             let cmds = c.rebalance(&plan);
             let down = plan.node_states[&1] == NodeState::Down;
             // Node 1 last moved at 600 ms: down once 1,000 ms pass without a packet.
@@ -1275,7 +1363,7 @@ mod tests {
                 0,
             );
             assert!(
-                c.plan()
+                c.plan(0)
                     .node_states
                     .values()
                     .all(|s| *s == NodeState::Active)
@@ -1294,7 +1382,7 @@ mod tests {
         assert!(matches!(c.migrate(0, 0), Err(Refusal::Conflict(_))));
         c.set_state(1, NodeState::Draining).unwrap();
         assert!(matches!(c.migrate(0, 1), Err(Refusal::Conflict(_))));
-        let plan = c.plan();
+        let plan = c.plan(0);
         assert_eq!(plan.shard_node, vec![0, 0, 0, 0]);
         assert_eq!(plan.node_states[&1], NodeState::Draining);
     }

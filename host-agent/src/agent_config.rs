@@ -88,6 +88,8 @@ pub struct AgentConfig {
     /// Flows the agent tracks from feature records; beyond it new flows are counted
     /// but not tracked.
     pub max_tracked_flows: usize,
+    /// Period of scraping nodes' `metrics_url`, and the longest a scrape may take.
+    pub node_scrape_ms: u64,
     pub command_ring_log2: u32,
     pub telemetry: TelemetrySettings,
     pub emulated: EmulatedSettings,
@@ -127,6 +129,9 @@ pub struct NodeSettings {
     /// What the node can take, Gbit/s.
     #[serde(default = "default_capacity")]
     pub capacity_gbps: f64,
+    /// The node's Prometheus endpoint (node_exporter), `http://HOST:PORT/metrics`: its
+    /// load comes from there, and it is marked down when it stops answering.
+    pub metrics_url: Option<String>,
 }
 
 fn default_capacity() -> f64 {
@@ -147,6 +152,7 @@ impl Default for AgentConfig {
             shutdown_timeout_ms: 5_000,
             down_after_ms: 3_000,
             max_tracked_flows: 2_000_000,
+            node_scrape_ms: 1_000,
             command_ring_log2: 12,
             telemetry: TelemetrySettings::default(),
             emulated: EmulatedSettings::default(),
@@ -203,6 +209,12 @@ impl AgentConfig {
             return bad(
                 "max_tracked_flows",
                 format!("{} is outside 1..=50000000", self.max_tracked_flows),
+            );
+        }
+        if !(50..=60_000).contains(&self.node_scrape_ms) {
+            return bad(
+                "node_scrape_ms",
+                format!("{} is outside 50..=60000", self.node_scrape_ms),
             );
         }
         let max_cmd = hdl_bindings::ring::MAX_CMD_RING_LOG2;
@@ -264,6 +276,26 @@ impl AgentConfig {
                     &format!("nodes[{i}].id"),
                     format!("node {} listed twice", n.id),
                 );
+            }
+            if let Some(url) = &n.metrics_url {
+                let host = url
+                    .strip_prefix("http://")
+                    .and_then(|r| r.split('/').next());
+                if host.is_none_or(str::is_empty) {
+                    return bad(
+                        &format!("nodes[{i}].metrics_url"),
+                        format!("`{url}` is not an http://HOST:PORT/PATH address"),
+                    );
+                }
+                if self.down_after_ms < 2 * self.node_scrape_ms {
+                    return bad(
+                        "down_after_ms",
+                        format!(
+                            "{} must be at least two scrapes (node_scrape_ms {}), or one slow scrape would mark node {} down",
+                            self.down_after_ms, self.node_scrape_ms, n.id
+                        ),
+                    );
+                }
             }
             if !(n.capacity_gbps.is_finite() && n.capacity_gbps > 0.0) {
                 return bad(
@@ -346,6 +378,15 @@ mod tests {
         assert!(err("[emulated]\nflowz = 3").contains("unknown field `flowz`"));
         let e = err("[[nodes]]\nid = 1\n[[nodes]]\nid = 1");
         assert!(e.contains("`nodes[1].id`: node 1 listed twice"), "{e}");
+        let e = err("[[nodes]]\nid = 2\nmetrics_url = \"https://n2:9100/metrics\"");
+        assert!(e.contains("`nodes[0].metrics_url`"), "{e}");
+        let e = err(
+            "down_after_ms = 1000\n[[nodes]]\nid = 2\nmetrics_url = \"http://n2:9100/metrics\"",
+        );
+        assert!(
+            e.contains("`down_after_ms`: 1000 must be at least two scrapes"),
+            "{e}"
+        );
         let e = err("[[nodes]]\nid = 2\ncapacity_gbps = -1.0");
         assert!(
             e.contains("`nodes[0].capacity_gbps`: -1 is not a positive"),

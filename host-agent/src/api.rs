@@ -238,6 +238,7 @@ async fn drain(
     State(api): State<Api>,
     headers: HeaderMap,
     id: Result<Path<u16>, PathRejection>,
+    _body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     set_state(api, headers, id, NodeState::Draining).await
 }
@@ -246,6 +247,7 @@ async fn up(
     State(api): State<Api>,
     headers: HeaderMap,
     id: Result<Path<u16>, PathRejection>,
+    _body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     set_state(api, headers, id, NodeState::Active).await
 }
@@ -254,9 +256,14 @@ async fn down(
     State(api): State<Api>,
     headers: HeaderMap,
     id: Result<Path<u16>, PathRejection>,
+    _body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     set_state(api, headers, id, NodeState::Down).await
 }
+
+/// A request body the call does not use, read anyway: a body left unread makes the
+/// server close the connection, and a client reusing it then fails.
+type Body = axum::body::Bytes;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -16,6 +16,7 @@ use crate::agent::{Agent, Backend, Request, View};
 use crate::agent_config::{AgentConfig, LogFormat};
 use crate::api::{Api, router};
 use crate::metrics::LoopMetrics;
+use crate::node_metrics::scrape_loop;
 
 /// Send logs to stderr, human-readable or as JSON lines.
 pub fn init_tracing(format: LogFormat) {
@@ -49,6 +50,17 @@ pub async fn run(
         .await
         .map_err(joined)??;
     let mut control = tokio::task::spawn_blocking(move || agent.run(rx));
+    let (stop_scrapes, scrapes_stop) = tokio::sync::watch::channel(false);
+    let every = Duration::from_millis(cfg.node_scrape_ms);
+    let scrapers: Vec<_> = cfg
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.metrics_url.clone()?)))
+        .map(|(id, url)| {
+            let s = scrape_loop(id, url, every, tx.clone(), scrapes_stop.clone());
+            tokio::spawn(s)
+        })
+        .collect();
     let api = Api {
         view,
         requests: tx.clone(),
@@ -72,6 +84,8 @@ pub async fn run(
         () = shutdown => None,
         r = &mut control => Some(r),
     };
+    // Scrapers end at the next tick or when their scrape returns (at most one period).
+    let _ = stop_scrapes.send(true);
     if let Some(r) = early {
         let _ = stop_api.send(());
         let _ = server.await;
@@ -85,6 +99,10 @@ pub async fn run(
     let drained = tokio::time::timeout(Duration::from_millis(cfg.shutdown_timeout_ms), async {
         let c = control.await;
         let s = server.await;
+        for t in scrapers {
+            // A scraper has no result; one that panicked already lost its node's load.
+            let _ = t.await;
+        }
         (c, s)
     })
     .await;

@@ -23,6 +23,7 @@ pub mod driver;
 pub mod metrics;
 pub mod nic_cmd;
 pub mod nic_config;
+pub mod node_metrics;
 pub mod replay;
 pub mod top;
 

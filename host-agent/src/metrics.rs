@@ -142,6 +142,20 @@ impl Collector for ViewCollector {
         )?;
         family(
             e,
+            "node_cpu_busy_ratio",
+            "Busy share of the node's CPUs, from its endpoint",
+            ns.iter()
+                .filter_map(|n| Some((node(n.id), gauge(n.cpu_busy?)))),
+        )?;
+        family(
+            e,
+            "node_memory_used_ratio",
+            "Used share of the node's memory, from its endpoint",
+            ns.iter()
+                .filter_map(|n| Some((node(n.id), gauge(n.memory_used?)))),
+        )?;
+        family(
+            e,
             "node_weight",
             "Placement weight of the node",
             ns.iter().map(|n| (node(n.id), gauge(f64::from(n.weight)))),

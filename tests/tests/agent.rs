@@ -506,3 +506,110 @@ fn a_table_read_aimed_at_unmapped_memory_is_refused_and_changes_nothing() {
     assert_eq!(s, vec![Status::Aborted, Status::BadArgument]);
     assert_eq!(nic.read_tables().unwrap(), tables);
 }
+
+/// A node's Prometheus endpoint serving node_exporter metrics that grow with every
+/// scrape (a quarter of the CPU busy, 5 MB more traffic); it answers 503 once
+/// `healthy` turns false.
+fn node_exporter(healthy: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut c) = conn else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => req.extend_from_slice(&buf[..k]),
+                }
+            }
+            let n = n as u64;
+            let (status, body) = if healthy.load(Ordering::SeqCst) {
+                let body = format!(
+                    "# TYPE node_cpu_seconds_total counter\n\
+                     node_cpu_seconds_total{{cpu=\"0\",mode=\"idle\"}} {}\n\
+                     node_cpu_seconds_total{{cpu=\"0\",mode=\"user\"}} {}\n\
+                     # TYPE node_memory_MemTotal_bytes gauge\nnode_memory_MemTotal_bytes 4e9\n\
+                     # TYPE node_memory_MemAvailable_bytes gauge\nnode_memory_MemAvailable_bytes 3e9\n\
+                     # TYPE node_network_receive_bytes_total counter\n\
+                     node_network_receive_bytes_total{{device=\"eth0\"}} {}\n",
+                    3 * n,
+                    n,
+                    5_000_000 * n
+                );
+                ("200 OK", body)
+            } else {
+                ("503 Service Unavailable", String::new())
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn a_node_whose_endpoint_stops_answering_is_marked_down_and_loses_its_shards() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let healthy = Arc::new(AtomicBool::new(true));
+    let url = node_exporter(healthy.clone());
+    let mut cfg = config(Some(TOKEN));
+    cfg.node_scrape_ms = 50;
+    cfg.down_after_ms = 400;
+    cfg.nodes = vec![flowshard::agent_config::NodeSettings {
+        id: 2,
+        capacity_gbps: 25.0,
+        metrics_url: Some(url),
+    }];
+    cfg.validate().unwrap();
+    let model = fresh_nic();
+    let agent = start(cfg, model.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let n2 = loop {
+        let n2 = agent.get("/nodes").1[2].clone();
+        if n2["cpu_busy"].is_f64() && n2["load_gbps"].as_f64() > Some(0.0) {
+            break n2;
+        }
+        assert!(Instant::now() < deadline, "no load from the endpoint: {n2}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(n2["load_source"], "prometheus");
+    assert_eq!(n2["cpu_busy"], 0.25);
+    assert_eq!(n2["memory_used"], 0.25);
+    assert_eq!(
+        (n2["state"].as_str(), n2["capacity_gbps"].as_f64()),
+        (Some("active"), Some(25.0))
+    );
+    let (_, metrics) = agent.text("/metrics");
+    openmetrics_parser::openmetrics::parse_openmetrics(&metrics).unwrap();
+    promtool_check(&metrics);
+    assert!(
+        metrics.contains("flowshard_node_cpu_busy_ratio{node=\"2\"} 0.25\n"),
+        "{metrics}"
+    );
+    assert_eq!(agent.get("/nodes").1[0]["load_source"], "nic");
+
+    healthy.store(false, Ordering::SeqCst);
+    let s = agent.wait_for(|s| s["nodes_down"] == 1);
+    assert_eq!(s["nodes_active"], 3);
+    let n2 = agent.get("/nodes").1[2].clone();
+    assert_eq!(
+        (n2["state"].as_str(), n2["shards"].as_u64()),
+        (Some("down"), Some(0))
+    );
+    let why = n2["down_reason"].as_str().unwrap();
+    assert!(
+        why.contains("has not answered") && why.contains("503"),
+        "{why}"
+    );
+    let wire = Wire { model, now_ns: 0 };
+    let (_, shard_node, nodes) = wire.tables();
+    assert!(nodes.contains(&(2, NodeState::Down)) && !shard_node.contains(&2));
+    agent.stop().unwrap();
+}
