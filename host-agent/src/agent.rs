@@ -238,7 +238,7 @@ pub enum Request {
         node: u16,
     },
     TopFlows(usize),
-    /// A scrape of node `0`'s endpoint.
+    /// What a scrape of a node's endpoint gave: node id, result.
     NodeReport(u16, Report),
     /// Finish the loop: the NIC keeps its committed tables.
     Stop,
@@ -897,8 +897,10 @@ pub fn place(shard_node: &mut [u16], targets: &[(u16, u32)]) {
 #[derive(Debug)]
 struct SyntheticTraffic {
     model: Arc<Mutex<NicDevice>>,
-    oldest: u32,
-    next: u32,
+    /// Flow counters; flow ids are these modulo the generator's id space, distinct
+    /// within the window since `flows` is at most half of it.
+    oldest: u64,
+    next: u64,
     flows: u32,
     new_per_tick: u32,
     packets_per_tick: u32,
@@ -907,9 +909,9 @@ struct SyntheticTraffic {
 }
 
 impl SyntheticTraffic {
-    fn frame(flow: u32, rst: bool) -> [u8; FRAME_LEN] {
+    fn frame(flow: u64, rst: bool) -> [u8; FRAME_LEN] {
         let mut f = [0u8; FRAME_LEN];
-        write_frame(flow % MAX_FLOWS, &mut f);
+        write_frame((flow % u64::from(MAX_FLOWS)) as u32, &mut f);
         if rst {
             f[14 + 20 + 13] = 0x14;
         }
@@ -920,12 +922,13 @@ impl SyntheticTraffic {
     fn tick(&mut self, dt_ns: u64) {
         let start = self.now_ns.max(self.model_time());
         let mut frames: Vec<[u8; FRAME_LEN]> = Vec::new();
-        let ending = (self.next - self.oldest + self.new_per_tick).saturating_sub(self.flows);
+        let (new, window) = (u64::from(self.new_per_tick), u64::from(self.flows));
+        let ending = (self.next - self.oldest + new).saturating_sub(window);
         for f in self.oldest..self.oldest + ending {
             frames.push(Self::frame(f, true));
         }
         self.oldest += ending;
-        self.next += self.new_per_tick;
+        self.next += new;
         if self.next > self.oldest {
             for _ in 0..self.packets_per_tick {
                 let f = self.rng.random_range(self.oldest..self.next);
