@@ -212,36 +212,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     packets_per_tick,
                     json,
                 },
-        } => {
-            let r = agent_bench::run(flows, ticks, packets_per_tick)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
-                );
-            } else {
-                println!(
-                    "agent: {} flows tracked ({} on the NIC)\n  flow table {:.1} MiB; process RSS {:.1} MiB before the flows, {:.1} MiB with them ({:.0} B per flow, NIC model included)\n  tick with {} packets offered: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} ticks (stages alone p50 {:.3} ms)\n  tick ingesting {} new flows' records: p50 {:.3} ms, max {:.3} ms\n  top 100 of all tracked flows: {:.1} ms",
-                    r.tracked_flows,
-                    r.nic_active_flows,
-                    r.flow_table_mib,
-                    r.rss_start_mib,
-                    r.rss_tracking_mib,
-                    r.bytes_per_flow,
-                    r.packets_per_tick,
-                    r.tick_p50_ms,
-                    r.tick_p99_ms,
-                    r.tick_max_ms,
-                    r.ticks,
-                    r.stages_p50_ms,
-                    r.records_per_fill_tick,
-                    r.fill_tick_p50_ms,
-                    r.fill_tick_max_ms,
-                    r.top100_ms
-                );
-            }
-            Ok(())
-        }
+        } => agent_bench::report(flows, ticks, packets_per_tick, json),
         Command::Bench {
             what:
                 BenchCommand::Dataplane {
