@@ -55,6 +55,39 @@ pub enum Opcode {
     SetNodeState = 3,
     /// Class `arg0` (index) spreads its flows over `arg1` shards (1..8).
     SetClassGroup = 4,
+    /// Copy table `arg0` ([`Table`]) into host memory at IOVA `arg1 | arg2 << 32`, as
+    /// it stands before the batch applies: a batch of reads is one consistent snapshot,
+    /// which is how a restarted host learns the steering it must not disturb.
+    ReadTable = 5,
+}
+
+/// Tables [`Opcode::ReadTable`] copies out, and their layout in host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Table {
+    /// One little-endian u16 shard per bucket (`ident.BUCKETS` entries).
+    BucketShard = 0,
+    /// One little-endian u16 node per shard (`ident.SHARDS` entries).
+    ShardNode = 1,
+    /// [`NODE_ENTRY_LEN`] bytes per node id below `ident.NODES`: state u32 (0 active,
+    /// 1 draining, 2 down, [`NO_NODE`] for an id the image does not define), weight u32.
+    Nodes = 2,
+}
+
+/// Bytes per node of [`Table::Nodes`].
+pub const NODE_ENTRY_LEN: usize = 8;
+/// State word of a node id the image does not define.
+pub const NO_NODE: u32 = u32::MAX;
+
+impl Table {
+    pub fn from_u32(v: u32) -> Option<Table> {
+        Some(match v {
+            0 => Table::BucketShard,
+            1 => Table::ShardNode,
+            2 => Table::Nodes,
+            _ => return None,
+        })
+    }
 }
 
 impl Opcode {
@@ -65,6 +98,7 @@ impl Opcode {
             2 => Opcode::SetShardNode,
             3 => Opcode::SetNodeState,
             4 => Opcode::SetClassGroup,
+            5 => Opcode::ReadTable,
             _ => return None,
         })
     }
@@ -132,6 +166,13 @@ pub struct CmdDesc {
 }
 
 impl CmdDesc {
+    /// [`Opcode::ReadTable`] of `table` into host memory at `iova`.
+    pub fn read_table(table: Table, iova: u64) -> CmdDesc {
+        let mut d = CmdDesc::new(Opcode::ReadTable, table as u32, iova as u32);
+        d.arg2 = U32::new((iova >> 32) as u32);
+        d
+    }
+
     pub fn new(op: Opcode, arg0: u32, arg1: u32) -> CmdDesc {
         CmdDesc {
             opcode: U16::new(op as u16),
@@ -303,7 +344,14 @@ mod tests {
             assert_eq!(Opcode::from_u16(v).map(|o| o as u16), Some(v));
             assert_eq!(Status::from_u16(v).map(|s| s as u16), Some(v));
         }
-        assert_eq!(Opcode::from_u16(5), None);
+        assert_eq!(Opcode::from_u16(5), Some(Opcode::ReadTable));
+        assert_eq!(Opcode::from_u16(6), None);
+        for v in 0..=2 {
+            assert_eq!(Table::from_u32(v).map(|t| t as u32), Some(v));
+        }
+        assert_eq!(Table::from_u32(3), None);
+        let d = CmdDesc::read_table(Table::Nodes, 0x4_0000_1000);
+        assert_eq!((d.arg0.get(), d.arg1.get(), d.arg2.get()), (2, 0x1000, 4));
         assert_eq!(Status::from_u16(99), None);
         assert_eq!(Scope::from_u8(4), None);
     }

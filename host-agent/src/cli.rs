@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, bench, classify, flows, nic_cmd, nic_config, replay};
+use crate::agent_config::{self, LogFormat};
+use crate::{Error, agent_bench, bench, classify, daemon, flows, nic_cmd, nic_config, replay, top};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -99,6 +100,31 @@ pub enum Command {
         #[arg(long, default_value_t = 4096)]
         memory_mib: u64,
     },
+    /// Run the agent daemon: control loop, HTTP API, Prometheus metrics. Without a
+    /// config it drives an in-process emulated NIC with synthetic traffic.
+    Agent {
+        /// Agent configuration (TOML); see flowshard.agent.example.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address of the API, overriding `listen` (default 127.0.0.1:9477).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Log as JSON lines instead of human-readable text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Live view of a running agent: nodes, shards, classes, migrations.
+    Top {
+        /// The agent's API.
+        #[arg(long, default_value = "http://127.0.0.1:9477")]
+        agent: String,
+        /// Print one frame (the agent's status) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Refresh period.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
     /// Measure parts of the product.
     Bench {
         #[command(subcommand)]
@@ -181,6 +207,20 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The agent's memory and control-loop time with many tracked flows.
+    Agent {
+        /// Flows the agent tracks.
+        #[arg(long, default_value_t = 1_000_000)]
+        flows: u32,
+        /// Ticks to time once every flow is tracked.
+        #[arg(long, default_value_t = 200)]
+        ticks: u32,
+        /// Packets of established flows offered before each tick.
+        #[arg(long, default_value_t = 100_000)]
+        packets_per_tick: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run a parsed command line.
@@ -201,6 +241,29 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Classify { pcap, model, json } => classify::run(&pcap, model.as_deref(), json),
+        Command::Agent {
+            config,
+            listen,
+            log_json,
+        } => {
+            let mut cfg = agent_config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if log_json {
+                cfg.log_format = LogFormat::Json;
+            }
+            daemon::main(cfg)
+        }
+        Command::Top {
+            agent,
+            once,
+            interval_ms,
+        } => top::run(
+            &agent,
+            once,
+            std::time::Duration::from_millis(interval_ms.max(100)),
+        ),
         Command::Image { what } => match what {
             ImageCommand::Build {
                 config,
@@ -276,6 +339,15 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Bench {
+            what:
+                BenchCommand::Agent {
+                    flows,
+                    ticks,
+                    packets_per_tick,
+                    json,
+                },
+        } => agent_bench::report(flows, ticks, packets_per_tick, json),
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

@@ -7,7 +7,7 @@ use hdl_bindings::image::ImageError;
 use hdl_bindings::regs::{cmd, flash, ident, telem};
 use hdl_bindings::ring::{
     CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2,
-    Status, TELEMETRY_ENTRY_LEN,
+    NO_NODE, NODE_ENTRY_LEN, Status, TELEMETRY_ENTRY_LEN, Table,
 };
 use hdl_bindings::{BAR0_SIZE, BLOCKS, IRQ_CMD, IRQ_TELEMETRY, PCI_DEVICE_ID, PCI_VENDOR_ID};
 use hw_sim::device::{TelemetryItem, decode_entry, flash_op, flash_state};
@@ -21,6 +21,9 @@ use crate::device::{Device, DeviceError, REGION_CONFIG};
 const CMD_IOVA: u64 = 0x1_0000_0000;
 const TELEM_IOVA: u64 = 0x2_0000_0000;
 const FLASH_IOVA: u64 = 0x3_0000_0000;
+const TABLES_IOVA: u64 = 0x4_0000_0000;
+/// Most bytes of steering tables the driver accepts from a device (2^24 buckets).
+const MAX_TABLE_BYTES: usize = 40 << 20;
 /// Longest the driver waits for the device to finish a request.
 const TIMEOUT_MS: i32 = 2_000;
 /// Most register blocks a BAR0 list may have before the driver calls it a loop.
@@ -162,6 +165,15 @@ pub struct Telemetry {
     pub items: Vec<TelemetryItem>,
     /// Entries of a kind or layout this driver does not read.
     pub unreadable: u32,
+}
+
+/// The steering tables as the device holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tables {
+    pub bucket_shard: Vec<u16>,
+    pub shard_node: Vec<u16>,
+    /// The nodes the image defines, by id.
+    pub nodes: Vec<nic_firmware::config::NodeConfig>,
 }
 
 fn slot_name(i: u32) -> char {
@@ -553,6 +565,78 @@ impl<D: Device> Nic<D> {
                 )));
             }
         }
+    }
+
+    /// Read the steering tables back in one command batch, so they are one consistent
+    /// snapshot. Needs the command ring.
+    pub fn read_tables(&mut self) -> Result<Tables, NicError> {
+        let b = self.blocks.ident;
+        let buckets = self.rd(b, ident::BUCKETS)? as usize;
+        let shards = self.rd(b, ident::SHARDS)? as usize;
+        let nodes = self.rd(b, ident::NODES)? as usize;
+        let lens = [2 * buckets, 2 * shards, NODE_ENTRY_LEN * nodes];
+        let total = lens.iter().fold(0usize, |a, l| a.saturating_add(*l));
+        if buckets == 0 || shards == 0 || nodes == 0 || total > MAX_TABLE_BYTES {
+            return Err(self.protocol(format!(
+                "device reports {buckets} buckets, {shards} shards, {nodes} node ids: no image running, or tables beyond {MAX_TABLE_BYTES} bytes"
+            )));
+        }
+        let mem = SharedMemory::new(total).map_err(|source| {
+            self.err(DeviceError::Io {
+                op: "allocate table buffer".into(),
+                source,
+            })
+        })?;
+        self.dev
+            .dma_map(TABLES_IOVA, &mem)
+            .map_err(|e| self.err(e))?;
+        let at = [0, lens[0], lens[0] + lens[1]].map(|o| TABLES_IOVA + o as u64);
+        let batch = [
+            CmdDesc::read_table(Table::BucketShard, at[0]),
+            CmdDesc::read_table(Table::ShardNode, at[1]),
+            CmdDesc::read_table(Table::Nodes, at[2]),
+        ];
+        let result = self.submit(&batch);
+        let unmapped = self
+            .dev
+            .dma_unmap(TABLES_IOVA, mem.len() as u64)
+            .map_err(|e| self.err(e));
+        let statuses = result?;
+        unmapped?;
+        if let Some(s) = statuses.iter().find(|s| **s != Status::Ok) {
+            return Err(self.protocol(format!("table read refused: {}", s.as_str())));
+        }
+        let mut bytes = vec![0u8; total];
+        if !mem.mapping().read(0, &mut bytes) {
+            return Err(self.protocol("table buffer shorter than the tables"));
+        }
+        let (bucket_bytes, rest) = bytes.split_at(lens[0]);
+        let (shard_bytes, node_bytes) = rest.split_at(lens[1]);
+        let u16s = |b: &[u8]| -> Vec<u16> {
+            b.chunks_exact(2)
+                .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                .collect()
+        };
+        let mut node_list = Vec::new();
+        for (id, e) in node_bytes.chunks_exact(NODE_ENTRY_LEN).enumerate() {
+            let state = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let weight = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            if state == NO_NODE {
+                continue;
+            }
+            let state = hw_sim::image::node_state_from_code(state)
+                .ok_or_else(|| self.protocol(format!("node {id} has unknown state {state}")))?;
+            node_list.push(nic_firmware::config::NodeConfig {
+                id: id as u16,
+                weight,
+                state,
+            });
+        }
+        Ok(Tables {
+            bucket_shard: u16s(bucket_bytes),
+            shard_node: u16s(shard_bytes),
+            nodes: node_list,
+        })
     }
 
     /// Set up the telemetry ring with 2^`log2` entries and counter snapshots every

@@ -10,17 +10,28 @@
 //! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
 //! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
 //! - [`cli`]: the `flowshard` commands.
+//! - [`agent_config`], [`agent`], [`api`], [`metrics`], [`daemon`], [`top`]: the agent
+//!   daemon (`flowshard agent`) — configuration, control loop, HTTP API, Prometheus
+//!   metrics, process lifecycle — and its live view (`flowshard top`).
 
+pub mod agent;
+pub mod agent_bench;
+pub mod agent_config;
+pub mod api;
 pub mod bench;
 pub mod classify;
 pub mod cli;
+pub mod daemon;
 pub mod device;
 pub mod driver;
 pub mod flows;
+pub mod metrics;
 pub mod nic_cmd;
 pub mod nic_config;
+pub mod node_metrics;
 pub mod profiler;
 pub mod replay;
+pub mod top;
 
 /// Every way a `flowshard` command can fail, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +58,19 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 64,
-            Error::Capture(_) | Error::Io { .. } | Error::Nic(_) | Error::Image { .. } => 1,
+            Error::Capture(_)
+            | Error::Io { .. }
+            | Error::Nic(_)
+            | Error::Image { .. }
+            | Error::Agent(_) => 1,
             // EX_UNAVAILABLE: ONNX Runtime or the model is missing or unusable.
             Error::Profiler(_) => 69,
         }

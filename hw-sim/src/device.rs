@@ -19,8 +19,8 @@ use hdl_bindings::image::{ImageError, MAX_IMAGE_LEN};
 use hdl_bindings::regs::{cmd, flash, ident, telem};
 use hdl_bindings::ring::{
     CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, CounterSnapshot, EntryKind,
-    MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2, Opcode, Scope, Status, TELEMETRY_ENTRY_LEN,
-    TELEMETRY_VERSION, TelemetryHeader,
+    MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2, NO_NODE, NODE_ENTRY_LEN, Opcode, Scope, Status,
+    TELEMETRY_ENTRY_LEN, TELEMETRY_VERSION, Table, TelemetryHeader,
 };
 use hdl_bindings::telemetry::FEATURE_RECORD_LEN;
 use hdl_bindings::{IRQ_CMD, IRQ_TELEMETRY, IRQ_VECTORS, PCI_DEVICE_ID, PCI_VENDOR_ID};
@@ -701,7 +701,16 @@ impl NicDevice {
         let Some(p) = self.pipeline.as_mut() else {
             return vec![Status::NotRunning; batch.len()];
         };
-        let statuses: Vec<Status> = batch.iter().map(|d| check(p, d)).collect();
+        let mut statuses: Vec<Status> = batch.iter().map(|d| check(p, d)).collect();
+        for (d, s) in batch.iter().zip(statuses.iter_mut()) {
+            if *s == Status::Ok && d.opcode.get() == Opcode::ReadTable as u16 {
+                let iova = u64::from(d.arg1.get()) | (u64::from(d.arg2.get()) << 32);
+                let table = Table::from_u32(d.arg0.get()).map(|t| table_bytes(p, t));
+                if table.is_none_or(|t| self.dma.write(iova, &t).is_err()) {
+                    *s = Status::BadArgument;
+                }
+            }
+        }
         if statuses.iter().any(|s| *s != Status::Ok) {
             return statuses
                 .into_iter()
@@ -722,7 +731,7 @@ impl NicDevice {
                     Some(c) => p.set_class_group(c, a1 as u8),
                     None => Ok(()),
                 },
-                Some(Opcode::Nop) | None => Ok(()),
+                Some(Opcode::Nop | Opcode::ReadTable) | None => Ok(()),
             };
         }
         self.cmd.epoch = self.cmd.epoch.wrapping_add(1);
@@ -856,6 +865,36 @@ impl NicDevice {
     }
 }
 
+/// A table as [`Opcode::ReadTable`] lays it out in host memory.
+fn table_bytes(p: &Pipeline, table: Table) -> Vec<u8> {
+    match table {
+        Table::BucketShard => p
+            .bucket_table()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        Table::ShardNode => p
+            .shard_table()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        Table::Nodes => {
+            let ids = p.counters().nodes.len();
+            let mut out = vec![0u8; ids * NODE_ENTRY_LEN];
+            for e in out.chunks_exact_mut(NODE_ENTRY_LEN) {
+                e[..4].copy_from_slice(&NO_NODE.to_le_bytes());
+            }
+            for n in p.nodes() {
+                let at = usize::from(n.id) * NODE_ENTRY_LEN;
+                let state = u32::from(image::node_state_code(n.state));
+                out[at..at + 4].copy_from_slice(&state.to_le_bytes());
+                out[at + 4..at + 8].copy_from_slice(&n.weight.to_le_bytes());
+            }
+            out
+        }
+    }
+}
+
 /// Whether a descriptor can be applied to `p` as it is now.
 fn check(p: &Pipeline, d: &CmdDesc) -> Status {
     let (a0, a1) = (d.arg0.get(), d.arg1.get());
@@ -863,6 +902,7 @@ fn check(p: &Pipeline, d: &CmdDesc) -> Status {
     let ok = match Opcode::from_u16(d.opcode.get()) {
         None => return Status::BadOpcode,
         Some(Opcode::Nop) => true,
+        Some(Opcode::ReadTable) => Table::from_u32(a0).is_some(),
         Some(Opcode::SetBucket) => {
             (a0 as usize) < p.bucket_table().len() && (a1 as usize) < p.shard_table().len()
         }

@@ -63,7 +63,7 @@ pub struct ImageInfo {
     pub config: PipelineConfig,
 }
 
-fn node_state_code(s: NodeState) -> u8 {
+pub fn node_state_code(s: NodeState) -> u8 {
     match s {
         NodeState::Active => 0,
         NodeState::Draining => 1,

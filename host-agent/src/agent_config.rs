@@ -1,0 +1,405 @@
+//! The agent's configuration: TOML, unknown keys refused, every value checked before the
+//! agent touches the device. `flowshard.agent.example.toml` shows every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::nic_config::ConfigFileError;
+
+/// How the agent reaches its NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The emulated NIC linked into the agent, running the embedded default image (or
+    /// `emulated.nic_config`), fed by the agent's synthetic traffic source.
+    InProcess,
+    /// The emulated NIC served by another process on this UNIX socket.
+    VfioUser(PathBuf),
+    /// A PCI function through kernel VFIO, by bus/device/function.
+    Pci(String),
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "in-process" {
+            Ok(DeviceSpec::InProcess)
+        } else if let Some(p) = s.strip_prefix("vfio-user:").filter(|p| !p.is_empty()) {
+            Ok(DeviceSpec::VfioUser(p.into()))
+        } else if let Some(b) = s.strip_prefix("pci:").filter(|b| !b.is_empty()) {
+            Ok(DeviceSpec::Pci(b.into()))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "device `{s}`: expected \"in-process\", \"vfio-user:PATH\" or \"pci:BDF\""
+            )))
+        }
+    }
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// Compare in time independent of where the first difference is.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Everything `flowshard agent` runs with.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub device: DeviceSpec,
+    /// Address of the HTTP API and `/metrics`.
+    pub listen: SocketAddr,
+    /// Bearer token for mutating API calls; without one they are refused.
+    pub token: Option<Secret>,
+    pub log_format: LogFormat,
+    /// Period of the control loop.
+    pub tick_ms: u64,
+    /// Longest a shutdown waits for the loop and the API to finish.
+    pub shutdown_timeout_ms: u64,
+    /// An active node with shards that receives no packet for this long (NIC time)
+    /// while the NIC forwards traffic is marked down.
+    pub down_after_ms: u64,
+    /// Flows the agent tracks from feature records; beyond it new flows are counted
+    /// but not tracked.
+    pub max_tracked_flows: usize,
+    /// Period of scraping nodes' `metrics_url`, and the longest a scrape may take.
+    pub node_scrape_ms: u64,
+    pub command_ring_log2: u32,
+    pub telemetry: TelemetrySettings,
+    pub emulated: EmulatedSettings,
+    /// Per-node settings; nodes the image defines but this list omits get the defaults.
+    pub nodes: Vec<NodeSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// The telemetry ring holds 2^ring_log2 entries.
+    pub ring_log2: u32,
+    /// Counter snapshots every this many ms of NIC time.
+    pub snapshot_ms: u32,
+}
+
+/// The in-process emulated NIC and its synthetic traffic.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmulatedSettings {
+    /// Data-plane configuration of the image the emulated NIC boots; the embedded
+    /// default without it.
+    pub nic_config: Option<PathBuf>,
+    /// Flows sending at once.
+    pub flows: u32,
+    /// Flows that start (and as many that end with an RST) per tick.
+    pub new_flows_per_tick: u32,
+    /// Packets offered per tick, spread over the sending flows.
+    pub packets_per_tick: u32,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    pub id: u16,
+    /// What the node can take, Gbit/s.
+    #[serde(default = "default_capacity")]
+    pub capacity_gbps: f64,
+    /// The node's Prometheus endpoint (node_exporter), `http://HOST:PORT/metrics`: its
+    /// load comes from there, and it is marked down when it stops answering.
+    pub metrics_url: Option<String>,
+}
+
+fn default_capacity() -> f64 {
+    10.0
+}
+
+/// Default address of the API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            device: DeviceSpec::InProcess,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+            token: None,
+            log_format: LogFormat::Human,
+            tick_ms: 100,
+            shutdown_timeout_ms: 5_000,
+            down_after_ms: 3_000,
+            max_tracked_flows: 2_000_000,
+            node_scrape_ms: 1_000,
+            command_ring_log2: 12,
+            telemetry: TelemetrySettings::default(),
+            emulated: EmulatedSettings::default(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            ring_log2: 16,
+            snapshot_ms: 100,
+        }
+    }
+}
+
+impl Default for EmulatedSettings {
+    fn default() -> Self {
+        EmulatedSettings {
+            nic_config: None,
+            flows: 20_000,
+            new_flows_per_tick: 200,
+            packets_per_tick: 20_000,
+            seed: 1,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Check every value; the error names the key and says what is allowed.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, why: String| Err((key.to_string(), why));
+        if !(10..=60_000).contains(&self.tick_ms) {
+            return bad("tick_ms", format!("{} is outside 10..=60000", self.tick_ms));
+        }
+        if !(100..=600_000).contains(&self.shutdown_timeout_ms) {
+            return bad(
+                "shutdown_timeout_ms",
+                format!("{} is outside 100..=600000", self.shutdown_timeout_ms),
+            );
+        }
+        if self.down_after_ms < 2 * self.tick_ms {
+            return bad(
+                "down_after_ms",
+                format!(
+                    "{} must be at least two ticks ({} ms), or every pause would mark nodes down",
+                    self.down_after_ms,
+                    2 * self.tick_ms
+                ),
+            );
+        }
+        if self.max_tracked_flows == 0 || self.max_tracked_flows > 50_000_000 {
+            return bad(
+                "max_tracked_flows",
+                format!("{} is outside 1..=50000000", self.max_tracked_flows),
+            );
+        }
+        if !(50..=60_000).contains(&self.node_scrape_ms) {
+            return bad(
+                "node_scrape_ms",
+                format!("{} is outside 50..=60000", self.node_scrape_ms),
+            );
+        }
+        let max_cmd = hdl_bindings::ring::MAX_CMD_RING_LOG2;
+        if !(4..=max_cmd).contains(&self.command_ring_log2) {
+            return bad(
+                "command_ring_log2",
+                format!("{} is outside 4..={max_cmd}", self.command_ring_log2),
+            );
+        }
+        let max_telem = hdl_bindings::ring::MAX_TELEMETRY_RING_LOG2;
+        if !(4..=max_telem).contains(&self.telemetry.ring_log2) {
+            return bad(
+                "telemetry.ring_log2",
+                format!("{} is outside 4..={max_telem}", self.telemetry.ring_log2),
+            );
+        }
+        if self.telemetry.snapshot_ms == 0 || self.telemetry.snapshot_ms > 60_000 {
+            return bad(
+                "telemetry.snapshot_ms",
+                format!("{} is outside 1..=60000", self.telemetry.snapshot_ms),
+            );
+        }
+        if self.token.as_ref().is_some_and(|t| t.0.len() < 16) {
+            return bad(
+                "token",
+                "shorter than 16 characters; use e.g. `openssl rand -hex 32`".into(),
+            );
+        }
+        let e = &self.emulated;
+        if e.flows == 0 || e.flows > hw_sim::generate::MAX_FLOWS / 2 {
+            return bad(
+                "emulated.flows",
+                format!(
+                    "{} is outside 1..={}",
+                    e.flows,
+                    hw_sim::generate::MAX_FLOWS / 2
+                ),
+            );
+        }
+        if e.new_flows_per_tick > e.flows {
+            return bad(
+                "emulated.new_flows_per_tick",
+                format!(
+                    "{} is more than emulated.flows ({})",
+                    e.new_flows_per_tick, e.flows
+                ),
+            );
+        }
+        if e.packets_per_tick > 10_000_000 {
+            return bad(
+                "emulated.packets_per_tick",
+                format!("{} is more than 10000000", e.packets_per_tick),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !seen.insert(n.id) {
+                return bad(
+                    &format!("nodes[{i}].id"),
+                    format!("node {} listed twice", n.id),
+                );
+            }
+            if let Some(url) = &n.metrics_url {
+                let host = url
+                    .strip_prefix("http://")
+                    .and_then(|r| r.split('/').next());
+                if host.is_none_or(str::is_empty) {
+                    return bad(
+                        &format!("nodes[{i}].metrics_url"),
+                        format!("`{url}` is not an http://HOST:PORT/PATH address"),
+                    );
+                }
+                if self.down_after_ms < 2 * self.node_scrape_ms {
+                    return bad(
+                        "down_after_ms",
+                        format!(
+                            "{} must be at least two scrapes (node_scrape_ms {}), or one slow scrape would mark node {} down",
+                            self.down_after_ms, self.node_scrape_ms, n.id
+                        ),
+                    );
+                }
+            }
+            if !(n.capacity_gbps.is_finite() && n.capacity_gbps > 0.0) {
+                return bad(
+                    &format!("nodes[{i}].capacity_gbps"),
+                    format!("{} is not a positive number", n.capacity_gbps),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Capacity of node `id`, Gbit/s.
+    pub fn capacity_gbps(&self, id: u16) -> f64 {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map_or_else(default_capacity, |n| n.capacity_gbps)
+    }
+}
+
+/// Load and validate an agent configuration; `None` gives the defaults.
+pub fn load(path: Option<&Path>) -> Result<AgentConfig, ConfigFileError> {
+    let Some(path) = path else {
+        return Ok(AgentConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parse configuration text; `path` names it in errors.
+pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigFileError> {
+    let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigFileError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    config
+        .validate()
+        .map_err(|(key, why)| ConfigFileError::Invalid {
+            path: path.to_owned(),
+            message: format!("`{key}`: {why}"),
+        })?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let text = include_str!("../../flowshard.agent.example.toml");
+        let c = parse(text, Path::new("flowshard.agent.example.toml")).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.device, DeviceSpec::InProcess);
+        assert!(c.token.is_some());
+        assert_eq!(parse("", Path::new("x")).unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_the_reason() {
+        let e = err("tick_ms = 100\nlisen = \"1.2.3.4:5\"");
+        assert!(e.starts_with("agent.toml: "), "{e}");
+        assert!(e.contains("unknown field `lisen`"), "{e}");
+        assert!(err("tick_ms = \"fast\"").contains("invalid type: string \"fast\""));
+        assert!(err("listen = \"localhost\"").contains("invalid socket address"));
+        assert!(err("device = \"usb:1\"").contains("expected \"in-process\""));
+        assert!(err("tick_ms = 1").contains("`tick_ms`: 1 is outside 10..=60000"));
+        assert!(err("tick_ms = 1000\ndown_after_ms = 1000").contains("`down_after_ms`"));
+        assert!(err("token = \"short\"").contains("`token`: shorter than 16"));
+        assert!(err("[telemetry]\nring_log2 = 30").contains("`telemetry.ring_log2`"));
+        assert!(err("[emulated]\nflowz = 3").contains("unknown field `flowz`"));
+        let e = err("[[nodes]]\nid = 1\n[[nodes]]\nid = 1");
+        assert!(e.contains("`nodes[1].id`: node 1 listed twice"), "{e}");
+        let e = err("[[nodes]]\nid = 2\nmetrics_url = \"https://n2:9100/metrics\"");
+        assert!(e.contains("`nodes[0].metrics_url`"), "{e}");
+        let e = err(
+            "down_after_ms = 1000\n[[nodes]]\nid = 2\nmetrics_url = \"http://n2:9100/metrics\"",
+        );
+        assert!(
+            e.contains("`down_after_ms`: 1000 must be at least two scrapes"),
+            "{e}"
+        );
+        let e = err("[[nodes]]\nid = 2\ncapacity_gbps = -1.0");
+        assert!(
+            e.contains("`nodes[0].capacity_gbps`: -1 is not a positive"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let c = parse("token = \"0123456789abcdef0123\"", Path::new("x")).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        let t = c.token.unwrap();
+        assert!(t.matches("0123456789abcdef0123") && !t.matches("0123456789abcdef0124"));
+    }
+}
