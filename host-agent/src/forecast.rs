@@ -36,8 +36,9 @@ pub const MAX_PERIOD: usize = 2016;
 const ARIMA_MAX_P: usize = 8;
 
 /// Rolling origins used to choose a model: enough to score at least
-/// `SELECTION_POINTS` forecasts, within these bounds. One origin's luck decides too
-/// much on short horizons; many origins cost a fit each on long ones.
+/// `SELECTION_POINTS` forecasts and a whole cycle of the longest period (a day-ahead
+/// choice on a weekly series sees every weekday), within these bounds. One origin's
+/// luck decides too much on short horizons; many origins cost a fit each on long ones.
 const SELECTION_FOLDS: (usize, usize) = (3, 10);
 const SELECTION_POINTS: usize = 30;
 
@@ -127,6 +128,13 @@ fn check_inputs(y: &[f64], horizon: usize, level: f64) -> Result<(), ForecastErr
     }
 }
 
+fn check_periods(periods: &[usize]) -> Result<(), ForecastError> {
+    match periods.iter().find(|&&p| p < 2) {
+        Some(&p) => Err(ForecastError::Period(p)),
+        None => Ok(()),
+    }
+}
+
 /// The periods a series of `n` points can carry: MSTL needs two full cycles of each.
 /// Sorted, deduplicated.
 pub fn usable_periods(periods: &[usize], n: usize) -> Vec<usize> {
@@ -143,7 +151,9 @@ pub fn usable_periods(periods: &[usize], n: usize) -> Vec<usize> {
 /// Forecast `horizon` ticks past the end of `y` with one model.
 ///
 /// `periods` are the seasonal periods in ticks; those the series is too short for
-/// (fewer than two cycles) are ignored.
+/// (fewer than two cycles) are ignored. A series with no negative value is a rate
+/// or a count, so its forecasts and intervals are floored at 0: an additive model's
+/// night-time trough would otherwise dip below zero.
 pub fn forecast(
     model: Model,
     y: &[f64],
@@ -152,9 +162,7 @@ pub fn forecast(
     level: f64,
 ) -> Result<Forecast, ForecastError> {
     check_inputs(y, horizon, level)?;
-    if let Some(&p) = periods.iter().find(|&&p| p < 2) {
-        return Err(ForecastError::Period(p));
-    }
+    check_periods(periods)?;
     let periods = usable_periods(periods, y.len());
     let fit_err = |reason: String| ForecastError::Fit { model, reason };
     let out = match model {
@@ -199,16 +207,21 @@ pub fn forecast(
             }
         }
     };
-    let (lower, upper) = match out.intervals {
-        Some(iv) => (iv.lower, iv.upper),
+    let (mut point, mut lower, mut upper) = match out.intervals {
+        Some(iv) => (out.point, iv.lower, iv.upper),
         None => return Err(fit_err("no prediction intervals".into())),
     };
-    if out.point.len() != horizon || out.point.iter().any(|v| !v.is_finite()) {
+    if point.len() != horizon || point.iter().any(|v| !v.is_finite()) {
         return Err(fit_err("the forecast is not finite".into()));
+    }
+    if y.iter().all(|v| *v >= 0.0) {
+        for v in point.iter_mut().chain(&mut lower).chain(&mut upper) {
+            *v = v.max(0.0);
+        }
     }
     Ok(Forecast {
         model,
-        point: out.point,
+        point,
         lower,
         upper,
     })
@@ -417,6 +430,7 @@ pub fn backtest(
     models: &[Model],
 ) -> Result<Vec<Trial>, ForecastError> {
     check_inputs(y, horizon, 0.5)?;
+    check_periods(periods)?;
     let n = y.len();
     let train = n.saturating_sub(points);
     let longest = periods.iter().copied().max().unwrap_or(0);
@@ -484,9 +498,7 @@ pub fn select(
     check_inputs(y, horizon, level)?;
     let periods = match periods {
         Some(p) => {
-            if let Some(&bad) = p.iter().find(|&&p| p < 2) {
-                return Err(ForecastError::Period(bad));
-            }
+            check_periods(p)?;
             usable_periods(p, y.len())
         }
         None => detect_periods(y),
@@ -496,7 +508,9 @@ pub fn select(
         .filter(|m| m.applies(&periods))
         .collect();
     let mut trials = Vec::new();
+    let longest = periods.last().copied().unwrap_or(0);
     let folds = SELECTION_POINTS
+        .max(longest)
         .div_ceil(horizon)
         .clamp(SELECTION_FOLDS.0, SELECTION_FOLDS.1);
     for folds in (1..=folds).rev() {
@@ -699,6 +713,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rates_are_never_forecast_below_zero() {
+        let mut noise = Noise::new(12);
+        let y: Vec<f64> = (0..24 * 21)
+            .map(|t| {
+                let day = (2.0 * std::f64::consts::PI * (t % 24) as f64 / 24.0).sin();
+                (20.0 * day).max(0.0) + noise.normal().abs()
+            })
+            .collect();
+        for model in Model::ALL {
+            let f = forecast(model, &y, &[24], 48, 0.95).unwrap();
+            assert!(f.lower.iter().all(|v| *v >= 0.0), "{model}: {:?}", f.lower);
+            assert!(f.point.iter().all(|v| *v >= 0.0), "{model}");
+        }
+        // A series that can go negative keeps its negative forecasts.
+        let shifted: Vec<f64> = y.iter().map(|v| v - 5.0).collect();
+        let f = forecast(Model::Mstl, &shifted, &[24], 48, 0.95).unwrap();
+        assert!(f.lower.iter().any(|v| *v < 0.0));
+    }
+
+    #[test]
     fn linear_trend_is_extrapolated_by_ets() {
         let mut noise = Noise::new(4);
         let y: Vec<f64> = (0..300)
@@ -802,6 +836,10 @@ pub(crate) mod tests {
         assert_eq!(
             trials[0].result,
             Err(ForecastError::NoSeason { model: Model::Mstl })
+        );
+        assert_eq!(
+            backtest(&y, &[0], 24, 72, &Model::ALL),
+            Err(ForecastError::Period(0))
         );
         assert!(matches!(
             backtest(&y[..100], &[24, 168], 24, 72, &Model::ALL),
