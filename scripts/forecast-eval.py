@@ -32,7 +32,7 @@ from pathlib import Path
 
 DATA = Path(os.environ.get("FLOWSHARD_DATA", Path.home() / ".cache/flowshard-data"))
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target/release/flowshard"
+BIN = Path(os.environ.get("FLOWSHARD_BIN", ROOT / "target/release/flowshard"))
 DAYS = 7
 # History given to every model: the last 16 weeks before each origin, as the agent's
 # bounded history holds. (statsforecast's AutoETS takes tens of minutes on the

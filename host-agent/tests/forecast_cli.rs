@@ -86,7 +86,10 @@ fn forecasts_a_day_of_real_electricity_demand() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let obj = v.as_object().unwrap();
     assert_eq!(obj.len(), 4, "{v}");
-    assert!(["seasonal_naive", "ets", "mstl", "arima"].contains(&v["model"].as_str().unwrap()));
+    assert!(
+        ["seasonal_naive", "ets", "mstl", "arima", "combination"]
+            .contains(&v["model"].as_str().unwrap())
+    );
     let (point, lower, upper) = (
         numbers(&v, "point"),
         numbers(&v, "lower"),
@@ -138,7 +141,7 @@ fn backtests_every_model_on_real_electricity_demand() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["periods"], serde_json::json!([48, 336]));
     let models = v["models"].as_array().unwrap();
-    assert_eq!(models.len(), 4);
+    assert_eq!(models.len(), 5);
     for m in models {
         let mase = m["mase"].as_f64().unwrap_or_else(|| panic!("{m}"));
         let smape = m["smape"].as_f64().unwrap();
