@@ -6,7 +6,10 @@ Not part of `make test`: it takes a few minutes and needs statsforecast. Set-up:
 
     python3 -m venv "$FLOWSHARD_DATA/venv-statsforecast"
     "$FLOWSHARD_DATA/venv-statsforecast/bin/pip" install statsforecast==2.1.1 pandas
-    "$FLOWSHARD_DATA/venv-statsforecast/bin/python" scripts/forecast-eval.py
+    "$FLOWSHARD_DATA/venv-statsforecast/bin/python" scripts/forecast-eval.py [NAME]
+
+NAME keeps only the series whose name contains it (e.g. `pedestrian`).
+FLOWSHARD_BIN names the binary (default target/release/flowshard).
 
 Without statsforecast it reports flowshard's figures alone.
 
@@ -158,7 +161,10 @@ def main():
     work = DATA / "ts" / "eval"
     work.mkdir(parents=True, exist_ok=True)
     print(f"{'series':<44} {'points':>7} {'model':<22} {'MASE':>7} {'sMAPE%':>7}")
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
     for name, rows, periods in series():
+        if only not in name:
+            continue
         day = periods[0]
         points = DAYS * day
         rows = rows[-(WEEKS + DAYS // 7) * 7 * day :]
@@ -184,8 +190,8 @@ def main():
         print(f"{name:<44} {'':>7} auto chose: {', '.join(chosen)}")
         print(f"{name:<44} {'':>7} time: flowshard {t1 - t0:.1f} s, statsforecast {t2 - t1:.1f} s")
         sys.stdout.flush()
-    if sf is None:
-        print("statsforecast is not installed: flowshard's figures only")
+        if sf is None:
+            print("statsforecast is not installed: flowshard's figures only")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ const ARIMA_MAX_P: usize = 8;
 const SELECTION_FOLDS: (usize, usize) = (3, 10);
 const SELECTION_POINTS: usize = 30;
 
+/// How much lower a single model's backtest MASE must be for it to be chosen over
+/// the combination. A few days of backtest rank close models by luck, and the
+/// combination is the one least hurt when the next day differs from the last few
+/// (on the development series' holiday weeks, picking the backtest's winner
+/// outright lost to the combination on four series of five).
+const SINGLE_MODEL_MARGIN: f64 = 0.1;
+
 /// A forecasting model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -514,14 +521,14 @@ pub struct Selection {
     /// The seasonal periods used.
     pub periods: Vec<usize>,
     /// The candidates' scores; empty when the series was too short to backtest and
-    /// the default model (MSTL with periods, else ETS) was used.
+    /// the combination (or, failing that, seasonal naive) was used.
     pub trials: Vec<Trial>,
 }
 
 /// Choose a model for `y` by a rolling-origin backtest over its last few horizons
-/// (see `SELECTION_FOLDS`; fewer on a short series), lowest MASE
-/// wins, then forecast with it from the whole series. Without `periods`, they are
-/// detected.
+/// (see `SELECTION_FOLDS`; fewer on a short series), then forecast from the whole
+/// series. The lowest MASE wins, except that the combination stays unless a single
+/// model beats it by `SINGLE_MODEL_MARGIN`. Without `periods`, they are detected.
 pub fn select(
     y: &[f64],
     periods: Option<&[usize]>,
@@ -552,20 +559,20 @@ pub fn select(
             break;
         }
     }
-    let best = trials
+    let scored: Vec<&Score> = trials
         .iter()
         .filter_map(|t| t.result.as_ref().ok())
         .filter(|s| s.mase.is_finite())
-        .min_by(|a, b| a.mase.total_cmp(&b.mase))
-        .map(|s| s.model);
-    let default = if periods.is_empty() {
-        Model::Ets
-    } else {
-        Model::Mstl
+        .collect();
+    let best = scored.iter().min_by(|a, b| a.mase.total_cmp(&b.mase));
+    let combination = scored.iter().find(|s| s.model == Model::Combination);
+    let chosen = match (best, combination) {
+        (Some(b), Some(c)) if b.mase > c.mase * (1.0 - SINGLE_MODEL_MARGIN) => Some(c.model),
+        (b, _) => b.map(|s| s.model),
     };
-    let forecast = match best {
+    let forecast = match chosen {
         Some(model) => forecast(model, y, &periods, horizon, level)?,
-        None => forecast(default, y, &periods, horizon, level)
+        None => forecast(Model::Combination, y, &periods, horizon, level)
             .or_else(|_| forecast(Model::SeasonalNaive, y, &periods, horizon, level))?,
     };
     Ok(Selection {
