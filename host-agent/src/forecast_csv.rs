@@ -63,24 +63,35 @@ pub fn run(opts: &Options) -> Result<(), Error> {
             };
             let trials = forecast::backtest(&y, &periods, opts.horizon, points, &Model::ALL)
                 .map_err(in_file)?;
-            print_backtest(opts, &column, points, &periods, &trials);
+            write_stdout(&render_backtest(opts, &column, points, &periods, &trials))
         }
         None => {
             let fixed = (!opts.periods.is_empty()).then_some(opts.periods.as_slice());
             let s = forecast::select(&y, fixed, opts.horizon, opts.level).map_err(in_file)?;
-            print_forecast(opts, &column, &s);
+            write_stdout(&render_forecast(opts, &column, &s))
         }
     }
-    Ok(())
 }
 
-fn print_backtest(
+/// Write the report in one go, so a closed pipe (`| head`) is an error, not a panic.
+fn write_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|source| Error::Io {
+            what: "writing the report to stdout".into(),
+            source,
+        })
+}
+
+fn render_backtest(
     opts: &Options,
     column: &str,
     points: usize,
     periods: &[usize],
     trials: &[forecast::Trial],
-) {
+) -> String {
     if opts.json {
         let models: Vec<_> = trials
             .iter()
@@ -89,57 +100,58 @@ fn print_backtest(
                 Err(e) => json!({"model": t.model, "error": e.to_string()}),
             })
             .collect();
-        let out = json!({
+        let report = json!({
             "column": column,
             "points": points,
             "horizon": opts.horizon,
             "periods": periods,
             "models": models,
         });
-        println!("{out}");
-        return;
+        return format!("{report}\n");
     }
-    println!(
-        "backtest of '{column}': last {points} points, rolling origins every {} steps, periods {}",
-        opts.horizon,
-        list(periods)
-    );
-    println!("{:<16} {:>8} {:>9}", "model", "MASE", "sMAPE %");
+    let mut lines = vec![
+        format!(
+            "backtest of '{column}': last {points} points, rolling origins every {} steps, periods {}",
+            opts.horizon,
+            list(periods)
+        ),
+        format!("{:<16} {:>8} {:>9}", "model", "MASE", "sMAPE %"),
+    ];
     for t in trials {
-        match &t.result {
-            Ok(s) => println!("{:<16} {:>8.3} {:>9.2}", t.model.name(), s.mase, s.smape),
-            Err(e) => println!("{:<16} not scored: {e}", t.model.name()),
-        }
+        lines.push(match &t.result {
+            Ok(s) => format!("{:<16} {:>8.3} {:>9.2}", t.model.name(), s.mase, s.smape),
+            Err(e) => format!("{:<16} not scored: {e}", t.model.name()),
+        });
     }
+    lines.join("\n") + "\n"
 }
 
-fn print_forecast(opts: &Options, column: &str, s: &forecast::Selection) {
+fn render_forecast(opts: &Options, column: &str, s: &forecast::Selection) -> String {
     let f = &s.forecast;
     if opts.json {
-        println!(
-            "{}",
-            json!({"model": f.model, "point": f.point, "lower": f.lower, "upper": f.upper})
-        );
-        return;
+        let report =
+            json!({"model": f.model, "point": f.point, "lower": f.lower, "upper": f.upper});
+        return format!("{report}\n");
     }
-    println!(
+    let mut lines = vec![format!(
         "forecast of '{column}': model {}, periods {}",
         f.model,
         list(&s.periods)
-    );
+    )];
     if s.trials.is_empty() {
-        println!("(series too short to backtest: default model)");
+        lines.push("  (the series is too short to backtest: default model)".into());
     }
     for t in &s.trials {
-        match &t.result {
-            Ok(sc) => println!("  backtest {:<16} MASE {:.3}", t.model.name(), sc.mase),
-            Err(e) => println!("  backtest {:<16} not scored: {e}", t.model.name()),
-        }
+        lines.push(match &t.result {
+            Ok(sc) => format!("  backtest {:<16} MASE {:.3}", t.model.name(), sc.mase),
+            Err(e) => format!("  backtest {:<16} not scored: {e}", t.model.name()),
+        });
     }
-    println!("step,point,lower,upper");
+    lines.push("step,point,lower,upper".into());
     for (i, ((p, l), u)) in f.point.iter().zip(&f.lower).zip(&f.upper).enumerate() {
-        println!("{},{p},{l},{u}", i + 1);
+        lines.push(format!("{},{p},{l},{u}", i + 1));
     }
+    lines.join("\n") + "\n"
 }
 
 fn list(periods: &[usize]) -> String {
