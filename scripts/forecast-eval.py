@@ -6,9 +6,11 @@ Not part of `make test`: it takes a few minutes and needs statsforecast. Set-up:
 
     python3 -m venv "$FLOWSHARD_DATA/venv-statsforecast"
     "$FLOWSHARD_DATA/venv-statsforecast/bin/pip" install statsforecast==2.1.1 pandas
-    "$FLOWSHARD_DATA/venv-statsforecast/bin/python" scripts/forecast-eval.py [NAME]
+    "$FLOWSHARD_DATA/venv-statsforecast/bin/python" scripts/forecast-eval.py [--shift-weeks K] [NAME]
 
 NAME keeps only the series whose name contains it (e.g. `pedestrian`).
+--shift-weeks K moves the test week K weeks back from the end of each series: the
+series end in late December, so the default test week is a holiday week.
 FLOWSHARD_BIN names the binary (default target/release/flowshard).
 
 Without statsforecast it reports flowshard's figures alone.
@@ -24,6 +26,7 @@ the same scale for every model and for both tools. statsforecast's scores are
 cached beside the series CSVs in $FLOWSHARD_DATA/ts/eval.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -161,20 +164,26 @@ def main():
     work = DATA / "ts" / "eval"
     work.mkdir(parents=True, exist_ok=True)
     print(f"{'series':<44} {'points':>7} {'model':<22} {'MASE':>7} {'sMAPE%':>7}")
-    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--shift-weeks", type=int, default=0)
+    args.add_argument("name", nargs="?", default="")
+    args = args.parse_args()
+    only = args.name
     for name, rows, periods in series():
         if only not in name:
             continue
         day = periods[0]
         points = DAYS * day
-        rows = rows[-(WEEKS + DAYS // 7) * 7 * day :]
-        path = work / (name.replace("/", "_").replace(" ", "_") + ".csv")
+        end = len(rows) - args.shift_weeks * 7 * day
+        rows = rows[end - (WEEKS + DAYS // 7) * 7 * day : end]
+        path = work / (name.replace("/", "_").replace(" ", "_") + f"-shift{args.shift_weeks}.csv")
         write_csv(path, rows)
         y = [v for _, v in rows]
         mase_scale = scale(y[: len(y) - points], day)
         t0 = time.monotonic()
         results = {f"flowshard {m}": s for m, s in flowshard(path, periods, day, points).items()}
-        auto, chosen = flowshard_auto(rows, periods, day, points, work / "origin.csv", mase_scale)
+        origin = path.with_suffix(".origin.csv")
+        auto, chosen = flowshard_auto(rows, periods, day, points, origin, mase_scale)
         results["flowshard auto"] = auto
         t1 = time.monotonic()
         sf = cached(path.with_suffix(".statsforecast.json"), [len(y), sum(y), periods],
