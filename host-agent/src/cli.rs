@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::agent_config::{self, LogFormat};
-use crate::{Error, agent_bench, bench, classify, daemon, flows, nic_cmd, nic_config, replay, top};
+use crate::{
+    Error, agent_bench, bench, classify, daemon, flows, forecast_csv, nic_cmd, nic_config, replay,
+    top,
+};
 
 /// Predictive flow sharding on a programmable NIC.
 #[derive(Debug, Parser)]
@@ -124,6 +127,31 @@ pub enum Command {
         /// Refresh period.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+    },
+    /// Forecast a load series from a CSV file, or backtest the models on it.
+    Forecast {
+        /// CSV with a header; the first column is a timestamp or an index.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Column to forecast (the last column without it).
+        #[arg(long)]
+        value_column: Option<String>,
+        /// Seasonal periods in rows, comma-separated (detected without it).
+        #[arg(long, value_delimiter = ',')]
+        period: Vec<usize>,
+        /// Rows to forecast past the end of the series.
+        #[arg(long)]
+        horizon: usize,
+        /// Level of the prediction intervals.
+        #[arg(long, default_value_t = 0.95)]
+        level: f64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Instead of forecasting, print each model's MASE and sMAPE over the last N
+        /// rows (rolling origins every `--horizon` rows).
+        #[arg(long, value_name = "N")]
+        backtest: Option<usize>,
     },
     /// Measure parts of the product.
     Bench {
@@ -348,6 +376,23 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     json,
                 },
         } => agent_bench::report(flows, ticks, packets_per_tick, json),
+        Command::Forecast {
+            csv,
+            value_column,
+            period,
+            horizon,
+            level,
+            json,
+            backtest,
+        } => forecast_csv::run(&forecast_csv::Options {
+            csv,
+            value_column,
+            periods: period,
+            horizon,
+            level,
+            json,
+            backtest,
+        }),
         Command::Bench {
             what:
                 BenchCommand::Dataplane {

@@ -9,6 +9,8 @@
 //! - [`device`]: the one device interface and its backends (in-process, vfio-user, VFIO).
 //! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
 //! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
+//! - [`forecast`]: load forecasting, the agent's forecast stage (sans-I/O).
+//! - [`forecast_csv`]: `flowshard forecast` on a series from a CSV file.
 //! - [`cli`]: the `flowshard` commands.
 //! - [`agent_config`], [`agent`], [`api`], [`metrics`], [`daemon`], [`top`]: the agent
 //!   daemon (`flowshard agent`) — configuration, control loop, HTTP API, Prometheus
@@ -25,6 +27,8 @@ pub mod daemon;
 pub mod device;
 pub mod driver;
 pub mod flows;
+pub mod forecast;
+pub mod forecast_csv;
 pub mod metrics;
 pub mod nic_cmd;
 pub mod nic_config;
@@ -60,17 +64,29 @@ pub enum Error {
     Usage(String),
     #[error("{0}")]
     Agent(String),
+    /// A load series file the forecaster cannot take; exits 64.
+    #[error(transparent)]
+    Csv(#[from] forecast_csv::CsvError),
+    /// A series or request the forecaster refuses (exits 64), or a model failing on it (1).
+    #[error("{}: {source}", path.display())]
+    Forecast {
+        path: std::path::PathBuf,
+        #[source]
+        source: forecast::ForecastError,
+    },
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Usage(_) => 64,
+            Error::Config(_) | Error::Usage(_) | Error::Csv(_) => 64,
+            Error::Forecast { source, .. } if source.is_bad_input() => 64,
             Error::Capture(_)
             | Error::Io { .. }
             | Error::Nic(_)
             | Error::Image { .. }
-            | Error::Agent(_) => 1,
+            | Error::Agent(_)
+            | Error::Forecast { .. } => 1,
             // EX_UNAVAILABLE: ONNX Runtime or the model is missing or unusable.
             Error::Profiler(_) => 69,
         }
