@@ -191,13 +191,8 @@ pub fn run(flows: u32, ticks: u32, packets_per_tick: u32) -> Result<AgentBench, 
 /// `flowshard bench agent`: run and print, as text or one JSON object.
 pub fn report(flows: u32, ticks: u32, packets_per_tick: u32, json: bool) -> Result<(), Error> {
     let r = run(flows, ticks, packets_per_tick)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
-        );
-    } else {
-        println!(
+    crate::print_report(&r, json, |r| {
+        format!(
             "agent: {} flows tracked ({} on the NIC)\n  flow table {:.1} MiB; process RSS {:.1} MiB before the flows, {:.1} MiB with them ({:.0} B per flow, NIC model included)\n  tick with {} packets offered: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} ticks (stages alone p50 {:.3} ms)\n  tick ingesting {} new flows' records: p50 {:.3} ms, max {:.3} ms\n  top 100 of all tracked flows: {:.1} ms",
             r.tracked_flows,
             r.nic_active_flows,
@@ -215,7 +210,6 @@ pub fn report(flows: u32, ticks: u32, packets_per_tick: u32, json: bool) -> Resu
             r.fill_tick_p50_ms,
             r.fill_tick_max_ms,
             r.top100_ms
-        );
-    }
-    Ok(())
+        )
+    })
 }

@@ -348,13 +348,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 )));
             }
             let r = nic_cmd::bench_ring(device.as_deref(), updates, batch)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
-                );
-            } else {
-                println!(
+            crate::print_report(&r, json, |r| {
+                format!(
                     "ring on {}: {} bucket updates in batches of {}: {:.0} updates/s\n  register access (half a scratch round trip): median {:.2} µs, p99 {:.2} µs over {} round trips",
                     r.device,
                     r.updates,
@@ -363,9 +358,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     r.round_trip_us_median,
                     r.round_trip_us_p99,
                     r.register_round_trips
-                );
-            }
-            Ok(())
+                )
+            })
         }
         Command::Bench {
             what:
@@ -404,13 +398,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 },
         } => {
             let r = bench::dataplane(flows, packets, zipf, seed)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Usage(e.to_string()))?
-                );
-            } else {
-                println!(
+            crate::print_report(&r, json, |r| {
+                format!(
                     "dataplane: {} flows, {} packets, {}\n  {:.2} ns/packet, {:.2} Mpps\n  connection table: {} B/entry, {:.1} B/flow of capacity ({} flows, {:.1} MiB)",
                     r.flows,
                     r.packets,
@@ -421,9 +410,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     r.bytes_per_flow,
                     r.table_capacity,
                     r.table_bytes as f64 / (1 << 20) as f64
-                );
-            }
-            Ok(())
+                )
+            })
         }
     }
 }

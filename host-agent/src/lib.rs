@@ -92,3 +92,18 @@ impl Error {
         }
     }
 }
+
+/// Print a command's report: one JSON object with `json`, else the text `text` makes.
+pub(crate) fn print_report<T: serde::Serialize>(
+    report: &T,
+    json: bool,
+    text: impl FnOnce(&T) -> String,
+) -> Result<(), Error> {
+    if json {
+        let line = serde_json::to_string(report).map_err(|e| Error::Usage(e.to_string()))?;
+        println!("{line}");
+    } else {
+        println!("{}", text(report));
+    }
+    Ok(())
+}
