@@ -5,7 +5,8 @@
 //! - [`bench`]: the data plane's fast path on synthetic traffic.
 //! - [`device`]: the one device interface and its backends (in-process, vfio-user, VFIO).
 //! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
-//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
+//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`, `bench ring`).
+//! - [`nic_sim`]: `flowshard nic-sim`, the emulated NIC with its traffic sources and outputs.
 //! - [`cli`]: the `flowshard` commands.
 
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod device;
 pub mod driver;
 pub mod nic_cmd;
 pub mod nic_config;
+pub mod nic_sim;
 pub mod replay;
 
 /// Every way a `flowshard` command can fail, with the exit code it maps to.

@@ -68,7 +68,7 @@ pub struct ReplayOptions {
     pub decisions: Option<PathBuf>,
 }
 
-fn link_name(l: LinkType) -> String {
+pub(crate) fn link_name(l: LinkType) -> String {
     match l {
         LinkType::Ethernet => "ethernet".into(),
         LinkType::RawIp => "raw_ip".into(),
@@ -81,7 +81,7 @@ fn link_name(l: LinkType) -> String {
 }
 
 /// Append one decision-log row.
-fn write_row(row: &mut String, index: u64, ts_ns: u64, d: &Decision) {
+pub(crate) fn write_row(row: &mut String, index: u64, ts_ns: u64, d: &Decision) {
     let _ = write!(row, "{index},{ts_ns},");
     match &d.tuple {
         Some(t) => {
