@@ -869,8 +869,7 @@ fn check(p: &Pipeline, d: &CmdDesc) -> Status {
         Some(Opcode::SetShardNode) => (a0 as usize) < p.shard_table().len() && node_known(a1),
         Some(Opcode::SetNodeState) => node_known(a0) && image::node_state_from_code(a1).is_some(),
         Some(Opcode::SetClassGroup) => {
-            Class::from_index(a0.min(255) as u8).is_some()
-                && a0 < Class::COUNT as u32
+            a0 < Class::COUNT as u32
                 && (1..=u32::from(nic_firmware::config::MAX_GROUP)).contains(&a1)
                 && a1 <= p.shard_table().len() as u32
         }
