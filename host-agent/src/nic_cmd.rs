@@ -325,6 +325,10 @@ pub fn status(spec: &str, json: bool) -> Result<(), Error> {
         "  tables         {} / {} flows, {} buckets, {} shards, {} nodes",
         s.flows_active, s.flow_capacity, s.buckets, s.shards, s.nodes
     );
+    println!(
+        "  traffic        {} packets, {} forwarded, {} flows created",
+        s.packets, s.forwarded, s.flows_created
+    );
     println!("  NIC time       {} ns; resets {}", s.nic_time_ns, s.resets);
     let c = s.command_ring;
     println!(
