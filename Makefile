@@ -51,4 +51,6 @@ bench: build
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000 --zipf 1.1
 	$(CARGO) bench -p hw-sim --bench dataplane
+	./target/release/flowshard bench ring --updates 10000000 --batch 1024
+	$(CARGO) bench -p flowshard --bench ring
 	$(CARGO) bench -p flowshard --bench profiler

@@ -12,6 +12,7 @@ command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 dpkg -s dpkg-dev >/dev/null 2>&1 || need+=(dpkg-dev)     # apt-get source (data fetch)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)  # make model, register-map generator
+dpkg -s libpcap-dev >/dev/null 2>&1 || need+=(libpcap-dev)   # nic-sim --live
 if ((${#need[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q

@@ -111,6 +111,42 @@ extern "C" {
 #define STATUS32_R_DESC_9445C529__VALUE_bw 32
 #define STATUS32_R_DESC_9445C529__VALUE_reset 0x0
 
+// reg - status32_r_desc_fa4b8f1d
+#define STATUS32_R_DESC_FA4B8F1D__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_FA4B8F1D__VALUE_bp 0
+#define STATUS32_R_DESC_FA4B8F1D__VALUE_bw 32
+#define STATUS32_R_DESC_FA4B8F1D__VALUE_reset 0x0
+
+// reg - status32_r_desc_5b1771dc
+#define STATUS32_R_DESC_5B1771DC__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_5B1771DC__VALUE_bp 0
+#define STATUS32_R_DESC_5B1771DC__VALUE_bw 32
+#define STATUS32_R_DESC_5B1771DC__VALUE_reset 0x0
+
+// reg - status32_r_desc_3b0637dc
+#define STATUS32_R_DESC_3B0637DC__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_3B0637DC__VALUE_bp 0
+#define STATUS32_R_DESC_3B0637DC__VALUE_bw 32
+#define STATUS32_R_DESC_3B0637DC__VALUE_reset 0x0
+
+// reg - status32_r_desc_8251cbe0
+#define STATUS32_R_DESC_8251CBE0__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_8251CBE0__VALUE_bp 0
+#define STATUS32_R_DESC_8251CBE0__VALUE_bw 32
+#define STATUS32_R_DESC_8251CBE0__VALUE_reset 0x0
+
+// reg - status32_r_desc_8b7ebdee
+#define STATUS32_R_DESC_8B7EBDEE__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_8B7EBDEE__VALUE_bp 0
+#define STATUS32_R_DESC_8B7EBDEE__VALUE_bw 32
+#define STATUS32_R_DESC_8B7EBDEE__VALUE_reset 0x0
+
+// reg - status32_r_desc_12b3967b
+#define STATUS32_R_DESC_12B3967B__VALUE_bm 0xffffffff
+#define STATUS32_R_DESC_12B3967B__VALUE_bp 0
+#define STATUS32_R_DESC_12B3967B__VALUE_bw 32
+#define STATUS32_R_DESC_12B3967B__VALUE_reset 0x0
+
 // regfile - ident_blk
 typedef struct __attribute__ ((__packed__)) {
     uint32_t block_type;
@@ -127,6 +163,12 @@ typedef struct __attribute__ ((__packed__)) {
     uint32_t buckets;
     uint32_t shards;
     uint32_t nodes;
+    uint32_t packets_lo;
+    uint32_t packets_hi;
+    uint32_t forwarded_lo;
+    uint32_t forwarded_hi;
+    uint32_t flows_lo;
+    uint32_t flows_hi;
 } ident_blk_t;
 
 // reg - blk_type_r_ID_f5000002
@@ -384,7 +426,7 @@ typedef struct __attribute__ ((__packed__)) {
 // addrmap - flowshard_nic
 typedef struct __attribute__ ((__packed__)) {
     ident_blk_t ident;
-    uint8_t RESERVED_38_ff[0xc8];
+    uint8_t RESERVED_50_ff[0xb0];
     cmd_blk_t cmd;
     uint8_t RESERVED_130_1ff[0xd0];
     telem_blk_t telem;

@@ -103,6 +103,12 @@ module flowshard_nic (
             logic buckets;
             logic shards;
             logic nodes;
+            logic packets_lo;
+            logic packets_hi;
+            logic forwarded_lo;
+            logic forwarded_hi;
+            logic flows_lo;
+            logic flows_hi;
         } ident;
         struct {
             logic block_type;
@@ -174,6 +180,12 @@ module flowshard_nic (
         decoded_reg_strb.ident.buckets = cpuif_req_masked & (cpuif_addr == 10'h2c) & !cpuif_req_is_wr;
         decoded_reg_strb.ident.shards = cpuif_req_masked & (cpuif_addr == 10'h30) & !cpuif_req_is_wr;
         decoded_reg_strb.ident.nodes = cpuif_req_masked & (cpuif_addr == 10'h34) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.packets_lo = cpuif_req_masked & (cpuif_addr == 10'h38) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.packets_hi = cpuif_req_masked & (cpuif_addr == 10'h3c) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.forwarded_lo = cpuif_req_masked & (cpuif_addr == 10'h40) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.forwarded_hi = cpuif_req_masked & (cpuif_addr == 10'h44) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.flows_lo = cpuif_req_masked & (cpuif_addr == 10'h48) & !cpuif_req_is_wr;
+        decoded_reg_strb.ident.flows_hi = cpuif_req_masked & (cpuif_addr == 10'h4c) & !cpuif_req_is_wr;
         decoded_reg_strb.cmd.block_type = cpuif_req_masked & (cpuif_addr == 10'h100) & !cpuif_req_is_wr;
         decoded_reg_strb.cmd.block_version = cpuif_req_masked & (cpuif_addr == 10'h104) & !cpuif_req_is_wr;
         decoded_reg_strb.cmd.block_next = cpuif_req_masked & (cpuif_addr == 10'h108) & !cpuif_req_is_wr;
@@ -929,6 +941,24 @@ module flowshard_nic (
         end
         if(rd_mux_addr == 10'h34) begin
             readback_data_var[31:0] = hwif_in.ident.nodes.value.next;
+        end
+        if(rd_mux_addr == 10'h38) begin
+            readback_data_var[31:0] = hwif_in.ident.packets_lo.value.next;
+        end
+        if(rd_mux_addr == 10'h3c) begin
+            readback_data_var[31:0] = hwif_in.ident.packets_hi.value.next;
+        end
+        if(rd_mux_addr == 10'h40) begin
+            readback_data_var[31:0] = hwif_in.ident.forwarded_lo.value.next;
+        end
+        if(rd_mux_addr == 10'h44) begin
+            readback_data_var[31:0] = hwif_in.ident.forwarded_hi.value.next;
+        end
+        if(rd_mux_addr == 10'h48) begin
+            readback_data_var[31:0] = hwif_in.ident.flows_lo.value.next;
+        end
+        if(rd_mux_addr == 10'h4c) begin
+            readback_data_var[31:0] = hwif_in.ident.flows_hi.value.next;
         end
         if(rd_mux_addr == 10'h100) begin
             readback_data_var[31:0] = 32'hf5000002;

@@ -96,6 +96,54 @@ package flowshard_nic_pkg;
     } status32_r_desc_9445c529__in_t;
 
     typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_fa4b8f1d__value__in_t;
+
+    typedef struct {
+        status32_r_desc_fa4b8f1d__value__in_t value;
+    } status32_r_desc_fa4b8f1d__in_t;
+
+    typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_5b1771dc__value__in_t;
+
+    typedef struct {
+        status32_r_desc_5b1771dc__value__in_t value;
+    } status32_r_desc_5b1771dc__in_t;
+
+    typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_3b0637dc__value__in_t;
+
+    typedef struct {
+        status32_r_desc_3b0637dc__value__in_t value;
+    } status32_r_desc_3b0637dc__in_t;
+
+    typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_8251cbe0__value__in_t;
+
+    typedef struct {
+        status32_r_desc_8251cbe0__value__in_t value;
+    } status32_r_desc_8251cbe0__in_t;
+
+    typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_8b7ebdee__value__in_t;
+
+    typedef struct {
+        status32_r_desc_8b7ebdee__value__in_t value;
+    } status32_r_desc_8b7ebdee__in_t;
+
+    typedef struct {
+        logic [31:0] next;
+    } status32_r_desc_12b3967b__value__in_t;
+
+    typedef struct {
+        status32_r_desc_12b3967b__value__in_t value;
+    } status32_r_desc_12b3967b__in_t;
+
+    typedef struct {
         status32_r_desc_4b24fdba__in_t fw_version;
         ident_blk__boot__in_t boot;
         status32_r_desc_3f78815f__in_t time_lo;
@@ -105,6 +153,12 @@ package flowshard_nic_pkg;
         status32_r_desc_d2650699__in_t buckets;
         status32_r_desc_e91c3781__in_t shards;
         status32_r_desc_9445c529__in_t nodes;
+        status32_r_desc_fa4b8f1d__in_t packets_lo;
+        status32_r_desc_5b1771dc__in_t packets_hi;
+        status32_r_desc_3b0637dc__in_t forwarded_lo;
+        status32_r_desc_8251cbe0__in_t forwarded_hi;
+        status32_r_desc_8b7ebdee__in_t flows_lo;
+        status32_r_desc_12b3967b__in_t flows_hi;
     } ident_blk__in_t;
 
     typedef struct {

@@ -87,6 +87,24 @@ pub mod ident {
 
     /// Node ids known to the pipeline (highest id + 1).
     pub const NODES: u32 = 0x34;
+
+    /// Packets received since boot, low word; reading it latches packets_hi.
+    pub const PACKETS_LO: u32 = 0x38;
+
+    /// Packets received, high word as latched by the last packets_lo read.
+    pub const PACKETS_HI: u32 = 0x3c;
+
+    /// Packets forwarded to a node since boot, low word; reading it latches forwarded_hi.
+    pub const FORWARDED_LO: u32 = 0x40;
+
+    /// Packets forwarded, high word as latched by the last forwarded_lo read.
+    pub const FORWARDED_HI: u32 = 0x44;
+
+    /// Flows created since boot, low word; reading it latches flows_hi.
+    pub const FLOWS_LO: u32 = 0x48;
+
+    /// Flows created, high word as latched by the last flows_lo read.
+    pub const FLOWS_HI: u32 = 0x4c;
 }
 
 /// Command ring

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 
 use crate::agent_config::{self, LogFormat};
 use crate::{
-    Error, agent_bench, bench, classify, daemon, flows, forecast_csv, nic_cmd, nic_config, replay,
-    top,
+    Error, agent_bench, bench, classify, daemon, flows, forecast_csv, nic_cmd, nic_config, nic_sim,
+    replay, top,
 };
 
 /// Predictive flow sharding on a programmable NIC.
@@ -88,21 +88,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the emulated NIC, served over vfio-user on a UNIX socket until killed.
-    NicSim {
-        #[arg(long)]
-        socket: PathBuf,
-        /// Trust images signed by this ed25519 public key (SPKI PEM) instead of the
-        /// development key.
-        #[arg(long)]
-        trusted_key: Option<PathBuf>,
-        /// Boot this image at start, as if it had been flashed.
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Device memory for the data plane's tables, MiB.
-        #[arg(long, default_value_t = 4096)]
-        memory_mib: u64,
-    },
+    /// Run the emulated NIC: serve it over vfio-user and/or feed it traffic.
+    NicSim(NicSimArgs),
     /// Run the agent daemon: control loop, HTTP API, Prometheus metrics. Without a
     /// config it drives an in-process emulated NIC with synthetic traffic.
     Agent {
@@ -158,6 +145,117 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").args(["pcap", "live", "generate_flows"])))]
+pub struct NicSimArgs {
+    /// Serve the device over vfio-user on this UNIX socket until killed. Without it,
+    /// nic-sim runs its traffic source through the image and prints the counters.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Trust images signed by this ed25519 public key (SPKI PEM) instead of the
+    /// development key.
+    #[arg(long)]
+    trusted_key: Option<PathBuf>,
+    /// Boot this image at start, as if it had been flashed (without --socket: the
+    /// embedded default image unless given).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Device memory for the data plane's tables, MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_mib: u64,
+    /// Replay this capture (pcap or pcapng).
+    #[arg(long)]
+    pcap: Option<PathBuf>,
+    /// Replay pace relative to the capture's own (2.0 = twice as fast).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        requires = "pcap",
+        conflicts_with = "fast"
+    )]
+    speed: f64,
+    /// Replay as fast as the device takes packets.
+    #[arg(long, requires = "pcap")]
+    fast: bool,
+    /// Replay the capture this many times (0: until killed); NIC time keeps running on.
+    #[arg(long = "loop", default_value_t = 1, requires = "pcap")]
+    loops: u64,
+    /// Capture live on this network interface (libpcap).
+    #[arg(long)]
+    live: Option<String>,
+    /// Generate synthetic traffic of this many flows.
+    #[arg(long)]
+    generate_flows: Option<u32>,
+    /// Synthetic packets to send.
+    #[arg(long, default_value_t = 1_000_000, requires = "generate_flows")]
+    generate_packets: u64,
+    /// Zipf exponent of synthetic flow popularity (uniform without it).
+    #[arg(long, requires = "generate_flows")]
+    zipf: Option<f64>,
+    /// Packets per second of NIC time of the synthetic traffic.
+    #[arg(long, default_value_t = 1_000_000, requires = "generate_flows")]
+    pps: u64,
+    #[arg(long, default_value_t = 1, requires = "generate_flows")]
+    seed: u64,
+    /// Write one CSV row per packet with the NIC's decision (as `flowshard replay`).
+    #[arg(long)]
+    decisions: Option<PathBuf>,
+    /// Write node-N.pcap per node into this directory: the packets steered to it.
+    #[arg(long)]
+    node_pcap: Option<PathBuf>,
+    /// Print the traffic summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+impl NicSimArgs {
+    fn into_options(self) -> Result<nic_sim::NicSimOptions, Error> {
+        if !(self.speed > 0.0 && self.speed.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--speed must be above 0, got {}",
+                self.speed
+            )));
+        }
+        let source = match (self.pcap, self.live, self.generate_flows) {
+            (Some(path), _, _) => Some(nic_sim::Source::Pcap {
+                path,
+                pace: if self.fast {
+                    nic_sim::Pace::Fast
+                } else {
+                    nic_sim::Pace::Captured { speed: self.speed }
+                },
+                loops: self.loops,
+            }),
+            (None, Some(interface), _) => Some(nic_sim::Source::Live { interface }),
+            (None, None, Some(flows)) => Some(nic_sim::Source::Generate {
+                flows,
+                packets: self.generate_packets,
+                zipf: self.zipf,
+                seed: self.seed,
+                pps: self.pps,
+            }),
+            (None, None, None) => None,
+        };
+        if source.is_none() && (self.decisions.is_some() || self.node_pcap.is_some()) {
+            return Err(Error::Usage(
+                "--decisions and --node-pcap need a traffic source (--pcap, --live or --generate-flows)".into(),
+            ));
+        }
+        Ok(nic_sim::NicSimOptions {
+            socket: self.socket,
+            trusted_key: self.trusted_key,
+            image: self.image,
+            memory_mib: self.memory_mib,
+            traffic: source.map(|source| nic_sim::TrafficOptions {
+                source,
+                decisions: self.decisions,
+                node_pcap_dir: self.node_pcap,
+            }),
+            json: self.json,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,17 +420,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             json,
         } => nic_cmd::flash(&device, &image, chunk_size, json),
         Command::Status { device, json } => nic_cmd::status(&device, json),
-        Command::NicSim {
-            socket,
-            trusted_key,
-            image,
-            memory_mib,
-        } => nic_cmd::nic_sim(&nic_cmd::NicSimOptions {
-            socket,
-            trusted_key,
-            image,
-            memory_mib,
-        }),
+        Command::NicSim(args) => nic_sim::run(args.into_options()?),
         Command::Bench {
             what:
                 BenchCommand::Ring {

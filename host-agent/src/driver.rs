@@ -141,6 +141,10 @@ pub struct NicStatus {
     pub buckets: u32,
     pub shards: u32,
     pub nodes: u32,
+    /// Packets received, forwarded, and flows created since the image booted.
+    pub packets: u64,
+    pub forwarded: u64,
+    pub flows_created: u64,
     pub slot_a: SlotStatus,
     pub slot_b: SlotStatus,
     /// Slot that boots at the next reset, if a flash committed one.
@@ -272,6 +276,13 @@ impl<D: Device> Nic<D> {
         let cmd_log2 = self.rd(b.cmd, cmd::SIZE)?;
         let telem_log2 = self.rd(b.telem, telem::SIZE)?;
         let entries = |log2: u32| if log2 == 0 { 0 } else { 1 << log2 };
+        let mut wide = |lo: u32, hi: u32| -> Result<u64, NicError> {
+            let low = self.rd(b.ident, lo)?;
+            Ok((u64::from(self.rd(b.ident, hi)?) << 32) | u64::from(low))
+        };
+        let packets = wide(ident::PACKETS_LO, ident::PACKETS_HI)?;
+        let forwarded = wide(ident::FORWARDED_LO, ident::FORWARDED_HI)?;
+        let flows_created = wide(ident::FLOWS_LO, ident::FLOWS_HI)?;
         Ok(NicStatus {
             device: self.name.clone(),
             pci_id: format!("{PCI_VENDOR_ID:04x}:{PCI_DEVICE_ID:04x}"),
@@ -286,6 +297,9 @@ impl<D: Device> Nic<D> {
             buckets: self.rd(b.ident, ident::BUCKETS)?,
             shards: self.rd(b.ident, ident::SHARDS)?,
             nodes: self.rd(b.ident, ident::NODES)?,
+            packets,
+            forwarded,
+            flows_created,
             slot_a: SlotStatus {
                 valid: flash::slots::A_VALID.get(slots) == 1,
                 version: self.rd(b.flash, flash::A_VERSION)?,

@@ -8,7 +8,8 @@
 //! - [`classify`]: a capture's flows through the NIC and the profiler.
 //! - [`device`]: the one device interface and its backends (in-process, vfio-user, VFIO).
 //! - [`driver`]: the NIC driver over it: block discovery, flash, rings, status.
-//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`).
+//! - [`nic_cmd`]: the image and device commands (`image`, `flash`, `status`, `bench ring`).
+//! - [`nic_sim`]: `flowshard nic-sim`, the emulated NIC with its traffic sources and outputs.
 //! - [`forecast`]: load forecasting, the agent's forecast stage (sans-I/O).
 //! - [`forecast_csv`]: `flowshard forecast` on a series from a CSV file.
 //! - [`cli`]: the `flowshard` commands.
@@ -32,6 +33,7 @@ pub mod forecast_csv;
 pub mod metrics;
 pub mod nic_cmd;
 pub mod nic_config;
+pub mod nic_sim;
 pub mod node_metrics;
 pub mod profiler;
 pub mod replay;

@@ -1,5 +1,5 @@
 //! The NIC image and device commands: `flowshard image build|inspect|sign`, `flash`,
-//! `status`, `nic-sim`, `bench ring`.
+//! `status`, `bench ring`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,17 @@ use crate::device::{self, Device, InProcess};
 use crate::driver::{Nic, NicError, SlotStatus};
 use crate::{Error, nic_config};
 
-fn read(path: &Path) -> Result<Vec<u8>, Error> {
+/// The embedded default configuration as an image signed with the development key.
+pub fn default_image() -> Result<Vec<u8>, Error> {
+    let img = hw_sim::image::build(&nic_firmware::PipelineConfig::default(), 1)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).map_err(|error| Error::Image {
+        path: "embedded default".into(),
+        error,
+    })
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|source| Error::Io {
         what: format!("read {}", path.display()),
         source,
@@ -105,7 +115,7 @@ pub fn build(
 
 /// `flowshard image sign`: replace the image's signature, in place or into `out`.
 pub fn sign(image: &Path, key: &Path, out: Option<&Path>) -> Result<(), Error> {
-    let bytes = read(image)?;
+    let bytes = read_file(image)?;
     let key = signing_key(Some(key))?;
     let signed = hw_sim::image::sign(&bytes, &key).map_err(|error| Error::Image {
         path: image.to_owned(),
@@ -130,7 +140,7 @@ struct Inspect<'a> {
 /// `flowshard image inspect`: check integrity and show what the image holds. With
 /// `trusted`, the signature is checked against that key too.
 pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), Error> {
-    let bytes = read(image)?;
+    let bytes = read_file(image)?;
     let bad = |error| Error::Image {
         path: image.to_owned(),
         error,
@@ -233,7 +243,7 @@ struct Progress {
 /// `flowshard flash`: write an image into the device's inactive slot and boot it. A
 /// progress bar on a terminal; with `--json`, one progress line per chunk and the report.
 pub fn flash(spec: &str, image: &Path, chunk: usize, json: bool) -> Result<(), Error> {
-    let bytes = read(image)?;
+    let bytes = read_file(image)?;
     let mut nic = open(spec)?;
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(bytes.len() as u64);
@@ -315,6 +325,10 @@ pub fn status(spec: &str, json: bool) -> Result<(), Error> {
         "  tables         {} / {} flows, {} buckets, {} shards, {} nodes",
         s.flows_active, s.flow_capacity, s.buckets, s.shards, s.nodes
     );
+    println!(
+        "  traffic        {} packets, {} forwarded, {} flows created",
+        s.packets, s.forwarded, s.flows_created
+    );
     println!("  NIC time       {} ns; resets {}", s.nic_time_ns, s.resets);
     let c = s.command_ring;
     println!(
@@ -327,40 +341,6 @@ pub fn status(spec: &str, json: bool) -> Result<(), Error> {
         t.entries, t.head, t.tail, t.epoch_or_overflow
     );
     Ok(())
-}
-
-/// Options of `flowshard nic-sim`.
-#[derive(Debug)]
-pub struct NicSimOptions {
-    pub socket: PathBuf,
-    pub trusted_key: Option<PathBuf>,
-    pub image: Option<PathBuf>,
-    pub memory_mib: u64,
-}
-
-/// `flowshard nic-sim`: the emulated NIC served over vfio-user until killed.
-pub fn nic_sim(opts: &NicSimOptions) -> Result<(), Error> {
-    let mut dev = NicDevice::new(DeviceOptions {
-        trusted_key: trusted_key(opts.trusted_key.as_deref())?,
-        memory_bytes: opts.memory_mib << 20,
-    });
-    if let Some(path) = &opts.image {
-        dev.preload(read(path)?).map_err(|error| Error::Image {
-            path: path.clone(),
-            error,
-        })?;
-    }
-    eprintln!(
-        "nic-sim: serving vfio-user on {} ({})",
-        opts.socket.display(),
-        if opts.trusted_key.is_some() {
-            "trusting the given key"
-        } else {
-            "trusting the development key"
-        }
-    );
-    hw_sim::vfio_user_server::serve(&opts.socket, Arc::new(Mutex::new(dev)))
-        .map_err(|e| Error::Usage(e.to_string()))
 }
 
 /// What `flowshard bench ring` measured.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use hw_sim::capture::{CaptureError, CaptureFormat, CaptureReader};
 use nic_firmware::parse::parse;
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{FlowTuple, LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
+use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
 use serde::Serialize;
 
 use crate::Error;
@@ -69,7 +69,7 @@ pub struct ReplayOptions {
     pub decisions: Option<PathBuf>,
 }
 
-fn link_name(l: LinkType) -> String {
+pub(crate) fn link_name(l: LinkType) -> String {
     match l {
         LinkType::Ethernet => "ethernet".into(),
         LinkType::RawIp => "raw_ip".into(),
@@ -81,10 +81,23 @@ fn link_name(l: LinkType) -> String {
     }
 }
 
-/// Append one decision-log row; `tuple` is the packet's, if it parsed as IP.
-fn write_row(row: &mut String, index: u64, ts_ns: u64, tuple: Option<FlowTuple>, d: &Decision) {
+/// Append the decision-log row of packet `p`, received on `link`.
+///
+/// The data plane's decision leaves the tuple out; it is parsed again here, off the
+/// fast path, only when a log is asked for.
+pub(crate) fn write_row(
+    row: &mut String,
+    index: u64,
+    link: LinkType,
+    p: &Packet<'_>,
+    d: &Decision,
+) {
+    let ts_ns = p.ts_ns;
     let _ = write!(row, "{index},{ts_ns},");
-    match &tuple {
+    match &parse(link, p.data, p.wire_len)
+        .ok()
+        .map(|parsed| parsed.tuple)
+    {
         Some(t) => {
             match t.proto {
                 ipproto::TCP => row.push_str("tcp"),
@@ -159,12 +172,7 @@ impl Replayer {
         if let Some((w, path)) = &mut self.log {
             self.row.clear();
             for (d, p) in self.decisions.iter().zip(&pkts) {
-                // The data plane's decision leaves the tuple out: parse it again here,
-                // off the fast path, only when a log is asked for.
-                let tuple = parse(self.burst_link, p.data, p.wire_len)
-                    .ok()
-                    .map(|parsed| parsed.tuple);
-                write_row(&mut self.row, self.index, p.ts_ns, tuple, d);
+                write_row(&mut self.row, self.index, self.burst_link, p, d);
                 self.index += 1;
             }
             w.write_all(self.row.as_bytes())

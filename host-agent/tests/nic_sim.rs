@@ -258,3 +258,256 @@ fn a_nic_sim_with_its_own_key_takes_only_images_signed_by_it() {
         "{e}"
     );
 }
+
+/// A capture of `flows` flows, `per_flow` packets each, `gap_ns` apart.
+fn write_capture(path: &Path, flows: u32, per_flow: u32, gap_ns: u64) -> u64 {
+    use hw_sim::capture::PcapWriter;
+    use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
+    let f = std::fs::File::create(path).unwrap();
+    let mut w =
+        PcapWriter::new(std::io::BufWriter::new(f), nic_firmware::LinkType::Ethernet).unwrap();
+    let mut buf = [0u8; FRAME_LEN];
+    let mut n = 0;
+    for i in 0..per_flow {
+        for flow in 0..flows {
+            write_frame(flow, &mut buf);
+            w.write(
+                1_700_000_000_000_000_000 + u64::from(i * flows + flow) * gap_ns,
+                &buf,
+                WIRE_LEN,
+            )
+            .unwrap();
+            n += 1;
+        }
+    }
+    w.flush().unwrap();
+    n
+}
+
+fn count_packets(path: &Path) -> (u64, Vec<u64>) {
+    let mut r = hw_sim::capture::CaptureReader::open(path).unwrap();
+    let mut ts = Vec::new();
+    while let Some(p) = r.next_packet().unwrap() {
+        ts.push(p.ts_ns);
+    }
+    (ts.len() as u64, ts)
+}
+
+#[test]
+fn replayed_captures_decide_as_flowshard_replay_and_split_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("in.pcap");
+    let total = write_capture(&cap, 200, 5, 1_000);
+    let (cap_s, d) = (cap.to_str().unwrap(), dir.path());
+    let replay_csv = d.join("replay.csv");
+    ok(&[
+        "replay",
+        "--pcap",
+        cap_s,
+        "--decisions",
+        replay_csv.to_str().unwrap(),
+    ]);
+    let sim_csv = d.join("sim.csv");
+    let nodes = d.join("nodes");
+    let out = ok(&[
+        "nic-sim",
+        "--pcap",
+        cap_s,
+        "--fast",
+        "--json",
+        "--decisions",
+        sim_csv.to_str().unwrap(),
+        "--node-pcap",
+        nodes.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&replay_csv).unwrap(),
+        std::fs::read(&sim_csv).unwrap(),
+        "same decision log as flowshard replay"
+    );
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["packets"], total);
+    let per_node = s["nodes"].as_array().unwrap();
+    let mut in_files = 0;
+    for n in per_node {
+        let file = nodes.join(format!("node-{}.pcap", n["node"]));
+        let (count, _) = if n["packets"] == 0 {
+            (0, Vec::new())
+        } else {
+            count_packets(&file)
+        };
+        assert_eq!(n["packets"], count, "node {}", n["node"]);
+        in_files += count;
+    }
+    assert_eq!(in_files, total);
+    // Looped: three rounds, NIC time never goes back.
+    let looped = d.join("looped.csv");
+    let out = ok(&[
+        "nic-sim",
+        "--pcap",
+        cap_s,
+        "--fast",
+        "--loop",
+        "3",
+        "--json",
+        "--decisions",
+        looped.to_str().unwrap(),
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s["packets"].as_u64(), s["rounds"].as_u64()),
+        (Some(3 * total), Some(3))
+    );
+    let ts: Vec<u64> = std::fs::read_to_string(&looped)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ts.len() as u64, 3 * total);
+    assert!(
+        ts.windows(2).all(|w| w[0] <= w[1]),
+        "NIC time is monotonic across rounds"
+    );
+    assert!(ts[ts.len() - 1] > ts[0] + 2 * (ts[total as usize - 1] - ts[0]));
+}
+
+#[test]
+fn captured_pace_is_kept_and_scaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("slow.pcap");
+    write_capture(&cap, 10, 30, 1_000_000); // 300 packets over 0.3 s
+    let cap_s = cap.to_str().unwrap();
+    let timed = |args: &[&str]| {
+        let t = std::time::Instant::now();
+        ok(args);
+        t.elapsed()
+    };
+    let paced = timed(&["nic-sim", "--pcap", cap_s, "--speed", "2"]);
+    assert!(paced >= std::time::Duration::from_millis(145), "{paced:?}");
+    let fast = timed(&["nic-sim", "--pcap", cap_s, "--fast"]);
+    assert!(fast < paced, "{fast:?} vs {paced:?}");
+    let e = fails(&["nic-sim", "--pcap", cap_s, "--speed", "0"]);
+    assert!(e.contains("--speed must be above 0"), "{e}");
+}
+
+#[test]
+fn synthetic_traffic_reaches_every_node() {
+    let out = ok(&[
+        "nic-sim",
+        "--generate-flows",
+        "1000",
+        "--generate-packets",
+        "20000",
+        "--zipf",
+        "1.1",
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["packets"], 20_000);
+    let nodes = s["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4);
+    assert_eq!(
+        nodes
+            .iter()
+            .map(|n| n["packets"].as_u64().unwrap())
+            .sum::<u64>(),
+        20_000
+    );
+    assert!(nodes.iter().all(|n| n["flows"].as_u64().unwrap() > 0));
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn traffic_waits_for_a_flashed_image_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("in.pcap");
+    let total = write_capture(&cap, 50, 4, 1_000);
+    let socket = dir.path().join("nic.sock");
+    let sim = Command::new(BIN)
+        .args([
+            "nic-sim",
+            "--json",
+            "--fast",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pcap",
+            cap.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !socket.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let img = dir.path().join("nic.img");
+    ok(&["image", "build", "-o", img.to_str().unwrap()]);
+    let dev = format!("vfio-user:{}", socket.display());
+    ok(&["flash", "--device", &dev, img.to_str().unwrap()]);
+    let mut status: serde_json::Value = serde_json::Value::Null;
+    for _ in 0..200 {
+        status = serde_json::from_str(&ok(&["status", "--device", &dev, "--json"])).unwrap();
+        if status["flows_active"] == 50 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        status["flows_active"], 50,
+        "the whole capture went through the flashed image"
+    );
+    sigterm(&sim);
+    let out = sim.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["packets"], total);
+    assert!(!socket.exists(), "the socket is removed on SIGTERM");
+}
+
+#[test]
+fn live_capture_on_loopback_sees_sent_packets() {
+    let mut sim = Command::new(BIN)
+        .args(["nic-sim", "--live", "lo", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the capture is open (or has failed).
+    let mut stderr = BufReader::new(sim.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    if !first.contains("capturing live on lo") {
+        // Capturing needs CAP_NET_RAW; without it the error must say so, by interface.
+        assert!(first.contains("live capture on lo"), "{first}");
+        eprintln!("SKIP: no capture permission here: {first}");
+        sim.wait().unwrap();
+        return;
+    }
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..20 {
+        sock.send_to(b"flowshard", "127.0.0.1:9").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    sigterm(&sim);
+    let out = sim.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let udp = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["packets"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(udp >= 20, "{s}");
+}

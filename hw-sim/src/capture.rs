@@ -70,6 +70,55 @@ pub fn link_type(linktype: u32) -> LinkType {
     }
 }
 
+/// The `LINKTYPE_*` number a capture of `link` is written with (inverse of [`link_type`]).
+pub fn linktype_number(link: LinkType) -> u32 {
+    match link {
+        LinkType::Ethernet => 1,
+        LinkType::RawIp => 101,
+        LinkType::LinuxSll => 113,
+        LinkType::LinuxSll2 => 276,
+        LinkType::Null => 0,
+        LinkType::Loop => 108,
+        LinkType::Unsupported(n) => n,
+    }
+}
+
+/// Writes a legacy pcap file with nanosecond timestamps (magic `a1b23c4d`), the format
+/// every capture tool reads; the emulated NIC's per-node outputs use it.
+#[derive(Debug)]
+pub struct PcapWriter<W: std::io::Write> {
+    out: W,
+}
+
+impl<W: std::io::Write> PcapWriter<W> {
+    /// Start a capture of link type `link`, snapshot length 262144.
+    pub fn new(mut out: W, link: LinkType) -> std::io::Result<PcapWriter<W>> {
+        let mut h = Vec::with_capacity(24);
+        h.extend_from_slice(&0xa1b2_3c4du32.to_le_bytes());
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&4u16.to_le_bytes());
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&262_144u32.to_le_bytes());
+        h.extend_from_slice(&linktype_number(link).to_le_bytes());
+        out.write_all(&h)?;
+        Ok(PcapWriter { out })
+    }
+
+    pub fn write(&mut self, ts_ns: u64, data: &[u8], wire_len: u32) -> std::io::Result<()> {
+        let mut r = [0u8; 16];
+        r[0..4].copy_from_slice(&((ts_ns / NANOS_PER_SEC) as u32).to_le_bytes());
+        r[4..8].copy_from_slice(&((ts_ns % NANOS_PER_SEC) as u32).to_le_bytes());
+        r[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        r[12..16].copy_from_slice(&wire_len.max(data.len() as u32).to_le_bytes());
+        self.out.write_all(&r)?;
+        self.out.write_all(data)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// One packet from a capture file, borrowing its bytes from the reader's buffer
 /// (so replay does not copy every packet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

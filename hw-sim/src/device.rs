@@ -127,7 +127,11 @@ pub struct NicDevice {
     cmd: CmdRing,
     telem: TelemRing,
     scratch: u32,
+    /// High words latched by reads of TIME_LO, PACKETS_LO, FORWARDED_LO, FLOWS_LO.
     time_hi: u32,
+    packets_hi: u32,
+    forwarded_hi: u32,
+    flows_hi: u32,
 }
 
 /// Size of the PCI configuration space the device serves.
@@ -199,6 +203,9 @@ impl NicDevice {
             telem: TelemRing::default(),
             scratch: 0,
             time_hi: 0,
+            packets_hi: 0,
+            forwarded_hi: 0,
+            flows_hi: 0,
         }
     }
 
@@ -391,6 +398,24 @@ impl NicDevice {
             (ident::BASE, ident::BUCKETS) => p.map_or(0, |p| p.bucket_table().len() as u32),
             (ident::BASE, ident::SHARDS) => p.map_or(0, |p| p.shard_table().len() as u32),
             (ident::BASE, ident::NODES) => p.map_or(0, |p| p.counters().nodes.len() as u32),
+            (ident::BASE, ident::PACKETS_LO) => {
+                let v = p.map_or(0, |p| p.counters().packets());
+                self.packets_hi = (v >> 32) as u32;
+                v as u32
+            }
+            (ident::BASE, ident::PACKETS_HI) => self.packets_hi,
+            (ident::BASE, ident::FORWARDED_LO) => {
+                let v = p.map_or(0, |p| p.counters().verdict(nic_firmware::Verdict::Forward));
+                self.forwarded_hi = (v >> 32) as u32;
+                v as u32
+            }
+            (ident::BASE, ident::FORWARDED_HI) => self.forwarded_hi,
+            (ident::BASE, ident::FLOWS_LO) => {
+                let v = p.map_or(0, |p| p.counters().flows_created);
+                self.flows_hi = (v >> 32) as u32;
+                v as u32
+            }
+            (ident::BASE, ident::FLOWS_HI) => self.flows_hi,
             (cmd::BASE, cmd::RING_LO) => lo(self.cmd.ring),
             (cmd::BASE, cmd::RING_HI) => (self.cmd.ring >> 32) as u32,
             (cmd::BASE, cmd::CQ_LO) => lo(self.cmd.cq),
@@ -909,8 +934,7 @@ fn check(p: &Pipeline, d: &CmdDesc) -> Status {
         Some(Opcode::SetShardNode) => (a0 as usize) < p.shard_table().len() && node_known(a1),
         Some(Opcode::SetNodeState) => node_known(a0) && image::node_state_from_code(a1).is_some(),
         Some(Opcode::SetClassGroup) => {
-            Class::from_index(a0.min(255) as u8).is_some()
-                && a0 < Class::COUNT as u32
+            a0 < Class::COUNT as u32
                 && (1..=u32::from(nic_firmware::config::MAX_GROUP)).contains(&a1)
                 && a1 <= p.shard_table().len() as u32
         }

@@ -139,6 +139,13 @@ fn flash_an_image_and_status_shows_it() {
         assert_eq!((s.slot, s.image_version, s.buckets), ('A', 4, 1024));
         assert!(s.slot_a.valid && s.slot_b.valid && s.slot_b.version == 3);
         nic.round_trip(0xdead_beef).unwrap();
+        rig.traffic(0..10, 1_000);
+        let s = nic.status().unwrap();
+        assert_eq!(
+            (s.packets, s.forwarded, s.flows_created, s.flows_active),
+            (10, 10, 10, 10)
+        );
+        assert_eq!(s.nic_time_ns, 1_000);
     });
 }
 
