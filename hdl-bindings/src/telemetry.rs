@@ -77,6 +77,18 @@ pub enum EndReason {
     Flushed = 5,
 }
 
+/// An address as the NIC keeps it: 16 bytes, an IPv4 address in the first 4.
+pub fn ip_addr(bytes: &[u8; 16], ipv6: bool) -> core::net::IpAddr {
+    if ipv6 {
+        core::net::Ipv6Addr::from(*bytes).into()
+    } else {
+        core::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+    }
+}
+
+/// A flow's identity across its records: client and server address and port, protocol.
+pub type FlowId = ([u8; 16], [u8; 16], u16, u16, u8);
+
 /// Decoded flow feature record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FeatureRecord {
@@ -138,6 +150,24 @@ impl core::fmt::Display for RecordError {
 }
 
 impl FeatureRecord {
+    pub fn flow_id(&self) -> FlowId {
+        (
+            self.client_addr,
+            self.server_addr,
+            self.client_port,
+            self.server_port,
+            self.proto,
+        )
+    }
+
+    pub fn client_ip(&self) -> core::net::IpAddr {
+        ip_addr(&self.client_addr, self.ipv6)
+    }
+
+    pub fn server_ip(&self) -> core::net::IpAddr {
+        ip_addr(&self.server_addr, self.ipv6)
+    }
+
     /// Encode in layout version 1.
     pub fn to_bytes(&self) -> [u8; FEATURE_RECORD_LEN] {
         let mut b = [0u8; FEATURE_RECORD_LEN];

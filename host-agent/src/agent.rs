@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdl_bindings::ring::{CmdDesc, Opcode, Scope, Status};
-use hdl_bindings::telemetry::{FeatureRecord, RecordKind};
+use hdl_bindings::telemetry::{FeatureRecord, FlowId, RecordKind, ip_addr};
 use hw_sim::device::{NicDevice, TelemetryItem};
 use hw_sim::dma::EventFd;
 use hw_sim::generate::{FRAME_LEN, MAX_FLOWS, WIRE_LEN, write_frame};
@@ -193,19 +193,6 @@ pub struct TrackedFlow {
     pub bytes: u64,
 }
 
-/// A flow's identity: client and server address and port, protocol.
-type FlowId = ([u8; 16], [u8; 16], u16, u16, u8);
-
-fn flow_id(r: &FeatureRecord) -> FlowId {
-    (
-        r.client_addr,
-        r.server_addr,
-        r.client_port,
-        r.server_port,
-        r.proto,
-    )
-}
-
 /// A tracked flow as `/flows` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FlowView {
@@ -217,11 +204,7 @@ pub struct FlowView {
 }
 
 fn addr(a: &[u8; 16], v6: bool, port: u16) -> String {
-    if v6 {
-        format!("[{}]:{port}", std::net::Ipv6Addr::from(*a))
-    } else {
-        format!("{}.{}.{}.{}:{port}", a[0], a[1], a[2], a[3])
-    }
+    std::net::SocketAddr::new(ip_addr(a, v6), port).to_string()
 }
 
 fn class_name(i: u8) -> &'static str {
@@ -447,7 +430,7 @@ impl Core {
     /// the NIC's port rules gave.
     pub fn profile(&mut self, records: &[FeatureRecord]) {
         for r in records {
-            let id = flow_id(r);
+            let id = r.flow_id();
             if r.kind == RecordKind::End {
                 if let Some(old) = self.flows.remove(&id) {
                     self.count_class(old.class, false);

@@ -166,7 +166,7 @@ pub fn run(pcap: &Path, model: Option<&Path>, json: bool) -> Result<(), Error> {
     }
     for (f, v) in flows.iter().zip(&verdicts) {
         let row = Row {
-            proto: proto_name(f.first.proto),
+            proto: proto_name(f.first.proto).into_owned(),
             src: f.client().to_string(),
             sport: f.first.client_port,
             dst: f.server().to_string(),

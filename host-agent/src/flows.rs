@@ -5,11 +5,12 @@
 //! training; `flowshard classify` feeds the same vectors to the model. Both read the
 //! NIC's own records, so what the model is trained on is what it is served.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
-use hdl_bindings::telemetry::{FeatureRecord, RecordKind};
+use hdl_bindings::telemetry::{FeatureRecord, FlowId, RecordKind};
 use hw_sim::capture::{CaptureError, CaptureReader};
 use nic_firmware::pipeline::Packet;
 use nic_firmware::profile::{ClassifierTables, FEATURE_NAMES, features};
@@ -47,44 +48,23 @@ impl Flow {
     }
 
     pub fn client(&self) -> IpAddr {
-        addr(&self.first.client_addr, self.first.ipv6)
+        self.first.client_ip()
     }
 
     pub fn server(&self) -> IpAddr {
-        addr(&self.first.server_addr, self.first.ipv6)
-    }
-}
-
-fn addr(a: &[u8; 16], ipv6: bool) -> IpAddr {
-    if ipv6 {
-        IpAddr::V6(Ipv6Addr::from(*a))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        self.first.server_ip()
     }
 }
 
 /// A protocol's name as flow listings show it.
-pub fn proto_name(proto: u8) -> String {
+pub fn proto_name(proto: u8) -> Cow<'static, str> {
     match proto {
         ipproto::TCP => "tcp".into(),
         ipproto::UDP => "udp".into(),
         ipproto::ICMP => "icmp".into(),
         ipproto::ICMPV6 => "icmpv6".into(),
-        n => n.to_string(),
+        n => n.to_string().into(),
     }
-}
-
-/// Identity of a live flow across its records.
-type FlowId = ([u8; 16], [u8; 16], u16, u16, u8);
-
-fn flow_id(r: &FeatureRecord) -> FlowId {
-    (
-        r.client_addr,
-        r.server_addr,
-        r.client_port,
-        r.server_port,
-        r.proto,
-    )
 }
 
 /// Collects records into flows.
@@ -97,7 +77,7 @@ struct Collector {
 impl Collector {
     /// Take one record; returns the index of a flow it opened.
     fn take(&mut self, r: FeatureRecord) -> Option<usize> {
-        let id = flow_id(&r);
+        let id = r.flow_id();
         let mut opened = None;
         let i = match self.live.get(&id) {
             Some(&i) if r.n == 0 => i,

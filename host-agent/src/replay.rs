@@ -4,16 +4,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
+use hdl_bindings::telemetry::ip_addr;
 use hw_sim::capture::{CaptureError, CaptureFormat, CaptureReader};
 use nic_firmware::parse::parse;
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict, ipproto};
+use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict};
 use serde::Serialize;
 
 use crate::Error;
+use crate::flows::proto_name;
 
 /// Header of the decision log, one row per packet.
 pub const DECISIONS_HEADER: &str =
@@ -99,28 +100,13 @@ pub(crate) fn write_row(
         .map(|parsed| parsed.tuple)
     {
         Some(t) => {
-            match t.proto {
-                ipproto::TCP => row.push_str("tcp"),
-                ipproto::UDP => row.push_str("udp"),
-                ipproto::ICMP => row.push_str("icmp"),
-                ipproto::ICMPV6 => row.push_str("icmpv6"),
-                n => {
-                    let _ = write!(row, "{n}");
-                }
-            }
-            let addr = |a: &[u8; 16]| {
-                if t.ipv6 {
-                    Ipv6Addr::from(*a).to_string()
-                } else {
-                    Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
-                }
-            };
             let _ = write!(
                 row,
-                ",{},{},{},{},{:08x},{},",
-                addr(&t.src),
+                "{},{},{},{},{},{:08x},{},",
+                proto_name(t.proto),
+                ip_addr(&t.src, t.ipv6),
                 t.sport,
-                addr(&t.dst),
+                ip_addr(&t.dst, t.ipv6),
                 t.dport,
                 d.rss_hash,
                 d.bucket

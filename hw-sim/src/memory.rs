@@ -81,11 +81,53 @@ unsafe impl GlobalAlloc for HugePageAlloc {
         // SAFETY: `ptr` was allocated by `alloc`/`alloc_zeroed` with `served(layout)`.
         unsafe { System.dealloc(ptr, Self::served(layout)) }
     }
+
+    /// Small blocks grow in place through the system allocator, as without this
+    /// allocator; only a block that is or becomes huge-page sized moves to a fresh one.
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.size() < HUGE_PAGE && new_size < HUGE_PAGE {
+            // SAFETY: below a huge page `served` is the identity, so `ptr` is a System
+            // block of `layout`; the caller guarantees `new_size` is valid for it.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller guarantees `new_size` rounded to `layout.align()` fits isize.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: as for `alloc`; the new block does not overlap the old one, both hold
+        // at least the bytes copied, and the old block is freed with its own layout.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_keep_their_bytes_when_they_grow_across_the_huge_page_size() {
+        let a = HugePageAlloc;
+        let layout = Layout::from_size_align(4096, 8).unwrap();
+        // SAFETY: each block is used within its size and freed with its final layout.
+        unsafe {
+            let mut p = a.alloc(layout);
+            p.write_bytes(0x5a, 4096);
+            let mut size = 4096;
+            for new_size in [8192, HUGE_PAGE + 64, 3 * HUGE_PAGE, 100] {
+                p = a.realloc(p, Layout::from_size_align(size, 8).unwrap(), new_size);
+                assert!(!p.is_null());
+                let kept = std::slice::from_raw_parts(p, size.min(new_size).min(4096));
+                assert!(kept.iter().all(|b| *b == 0x5a));
+                size = new_size;
+            }
+            a.dealloc(p, Layout::from_size_align(size, 8).unwrap());
+        }
+    }
 
     #[test]
     fn large_blocks_are_huge_page_aligned_zeroed_and_freed() {
