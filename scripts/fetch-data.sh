@@ -148,10 +148,32 @@ if [ ! -f "$D/ts/hotgym.csv" ]; then
   unwheel "$D/wheels/nupic-1.0.5-*.whl" hotgym/hotgym.csv
 fi
 rm -f "$D"/wheels/*.whl
-
+# One sensor of the long-format pedestrian file as a plain series (hourly counts with
+# sharp commuter peaks): the simulator's second real load curve. The sensor misses a
+# few hours; they are filled by linear interpolation so the series steps regularly.
+if [ ! -f "$D/ts/pedestrian_southern_cross.csv" ]; then
+  python3 - "$D/ts/pedestrian.csv" "$D/ts/pedestrian_southern_cross.csv" <<'PY'
+import csv, sys
+from datetime import datetime, timedelta
+rows = []
+with open(sys.argv[1], newline="") as f:
+    for r in csv.DictReader(f):
+        if r["Sensor"] == "Southern Cross Station":
+            rows.append((datetime.strptime(r["Date_Time"], "%Y-%m-%dT%H:%M:%SZ"), float(r["Count"])))
+rows.sort()
+hour = timedelta(hours=1)
+with open(sys.argv[2] + ".tmp", "w") as out:
+    out.write("Date_Time,Count\n")
+    for (t0, v0), (t1, v1) in zip(rows, rows[1:] + [(rows[-1][0] + hour, rows[-1][1])]):
+        n = max(1, round((t1 - t0) / hour))
+        for k in range(n):
+            out.write(f"{(t0 + k * hour):%Y-%m-%dT%H:%M:%SZ},{v0 + (v1 - v0) * k / n:g}\n")
+PY
+  mv "$D/ts/pedestrian_southern_cross.csv.tmp" "$D/ts/pedestrian_southern_cross.csv"
+fi
 echo "data in $D:"
 printf '  ndpi/pcap     %d captures\n' "$(ls "$D/ndpi/pcap" | wc -l)"
 printf '  ndpi/result   %d result files\n' "$(ls "$D/ndpi/result" | wc -l)"
-for f in ts/vic_elec.csv ts/pedestrian.csv ts/hotgym.csv ndpi-root/usr/bin/ndpiReader; do
+for f in ts/vic_elec.csv ts/pedestrian.csv ts/pedestrian_southern_cross.csv ts/hotgym.csv ndpi-root/usr/bin/ndpiReader; do
   printf '  %-30s %s\n' "$f" "$([ -s "$D/$f" ] && echo ok || echo MISSING)"
 done

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::agent_config::{self, LogFormat};
+use crate::planner::Policy;
 use crate::{
     Error, agent_bench, bench, classify, daemon, flows, forecast_csv, nic_cmd, nic_config, nic_sim,
     replay, top,
@@ -139,6 +140,34 @@ pub enum Command {
         /// rows (rolling origins every `--horizon` rows).
         #[arg(long, value_name = "N")]
         backtest: Option<usize>,
+    },
+    /// Run the agent's policies over days of traffic on the emulated NIC, in virtual
+    /// time, and compare them (overload, delay, node-hours, migrations, broken flows).
+    Simulate {
+        /// Scenario TOML (the embedded default without it; `--print-scenario` shows it).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Policy to run, or `all` for the three side by side.
+        #[arg(long, default_value = "all")]
+        policy: SimPolicy,
+        /// Load curve CSV replacing the scenario's (same rules as `forecast --csv`).
+        #[arg(long)]
+        load_csv: Option<PathBuf>,
+        /// Column of `--load-csv` (the last column without it).
+        #[arg(long, requires = "load_csv")]
+        load_column: Option<String>,
+        /// Seconds between the rows of `--load-csv`.
+        #[arg(long, requires = "load_csv")]
+        load_sample_s: Option<u32>,
+        /// Print one JSON object `{"scenario": ..., "policies": {...}}`.
+        #[arg(long)]
+        json: bool,
+        /// Draw load, forecast, capacity and migrations over time (SVG).
+        #[arg(long, value_name = "OUT.svg")]
+        plot: Option<PathBuf>,
+        /// Print the embedded default scenario and exit.
+        #[arg(long)]
+        print_scenario: bool,
     },
     /// Measure parts of the product.
     Bench {
@@ -297,6 +326,15 @@ pub enum ImageCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+/// `--policy` of `simulate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimPolicy {
+    Static,
+    Reactive,
+    Predictive,
+    All,
 }
 
 #[derive(Debug, Subcommand)]
@@ -458,6 +496,36 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     json,
                 },
         } => agent_bench::report(flows, ticks, packets_per_tick, json),
+        Command::Simulate {
+            scenario,
+            policy,
+            load_csv,
+            load_column,
+            load_sample_s,
+            json,
+            plot,
+            print_scenario,
+        } => {
+            if print_scenario {
+                print!("{}", crate::simulate::DEFAULT_SCENARIO);
+                return Ok(());
+            }
+            let policies = match policy {
+                SimPolicy::Static => vec![Policy::Static],
+                SimPolicy::Reactive => vec![Policy::Reactive],
+                SimPolicy::Predictive => vec![Policy::Predictive],
+                SimPolicy::All => Policy::ALL.to_vec(),
+            };
+            crate::simulate::run(&crate::simulate::Options {
+                scenario,
+                policies,
+                load_csv,
+                load_column,
+                load_sample_s,
+                json,
+                plot,
+            })
+        }
         Command::Forecast {
             csv,
             value_column,

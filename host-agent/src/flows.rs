@@ -28,6 +28,10 @@ pub struct Flow {
     pub first: FeatureRecord,
     /// Packets of the flow, both directions, over all its records.
     pub packets: u64,
+    /// IP bytes of the flow, both directions, over all its records.
+    pub bytes: u64,
+    /// Capture time of the flow's last packet.
+    pub last_ts_ns: u64,
     /// Class the NIC had given the flow by its first record (its own tables), if any.
     pub nic_class: Option<nic_firmware::Class>,
 }
@@ -89,6 +93,8 @@ impl Collector {
                 self.flows.push(Flow {
                     first: r,
                     packets: 0,
+                    bytes: 0,
+                    last_ts_ns: r.last_ts_ns,
                     nic_class: nic_firmware::Class::from_index(r.class),
                 });
                 let i = self.flows.len() - 1;
@@ -99,6 +105,8 @@ impl Collector {
         };
         let f = &mut self.flows[i];
         f.packets += u64::from(r.packets);
+        f.bytes += r.bytes;
+        f.last_ts_ns = f.last_ts_ns.max(r.last_ts_ns);
         if r.kind == RecordKind::End {
             self.live.remove(&id);
         }

@@ -35,8 +35,10 @@ pub mod nic_cmd;
 pub mod nic_config;
 pub mod nic_sim;
 pub mod node_metrics;
+pub mod planner;
 pub mod profiler;
 pub mod replay;
+pub mod simulate;
 pub mod top;
 
 /// Every way a `flowshard` command can fail, with the exit code it maps to.

@@ -40,8 +40,11 @@ use crate::{Class, FlowTuple, Verdict, ipproto};
 /// the excess stall; smaller ones leave too little time for a miss to resolve. On the
 /// 1M-flow uniform benchmark 16–20 was best (8: 82 ns/packet, 20: 63, 32: 74, 64: 81).
 pub const BURST: usize = 20;
-/// Ageing visits every bucket of the connection table once per second of NIC time.
-const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// Ageing visits every bucket of the connection table once per sweep period of NIC
+/// time: half the shortest timeout, so a flow ends at most 1.5 timeouts after its last
+/// packet, within these bounds (a sweep is the table's whole memory; once a second is
+/// cheap at line rate, but not when days of NIC time pass in a simulation).
+const SWEEP_PERIOD_NS: (u64, u64) = (1_000_000_000, 60_000_000_000);
 /// Entries of the fallback table used when a bucket's node takes no new flows.
 const FALLBACK_ENTRIES: usize = 256;
 const TCP_FIN: u8 = 0x01;
@@ -301,7 +304,13 @@ impl Pipeline {
         }
         let slots = config.feature_slots as usize;
         let table = ConnTable::new(config.flow_capacity, config.table_seed);
-        let ns_per_bucket = (SWEEP_PERIOD_NS / u64::from(table.buckets())).max(1);
+        let t = &config.timeouts;
+        let shortest_ms = [t.tcp_ms, t.tcp_close_ms, t.udp_ms, t.icmp_ms, t.other_ms]
+            .into_iter()
+            .min()
+            .unwrap_or(0);
+        let period = (u64::from(shortest_ms) * 500_000).clamp(SWEEP_PERIOD_NS.0, SWEEP_PERIOD_NS.1);
+        let ns_per_bucket = (period / u64::from(table.buckets())).max(1);
         let mut p = Pipeline {
             rss: Toeplitz::new(&config.rss_key, config.symmetric_rss),
             table,
