@@ -641,8 +641,15 @@ impl NicDevice {
         if memory_needed(&info.config) > self.opts.memory_bytes {
             return false;
         }
+        // Verified above, so the tables read and fit the image's N.
+        let Ok(tables) = image::classifier_tables(image) else {
+            return false;
+        };
         match Pipeline::new(&info.config) {
-            Ok(p) => {
+            Ok(mut p) => {
+                if p.load_classifier(tables).is_err() {
+                    return false;
+                }
                 self.pipeline = Some(p);
                 self.fw_version = info.image_version;
                 true

@@ -13,7 +13,7 @@ use hdl_bindings::telemetry::{EndReason, RecordKind};
 use hw_sim::device::{DeviceOptions, NicDevice, TelemetryItem};
 use hw_sim::dma::EventFd;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
-use hw_sim::image::{build, dev_signing_key, sign};
+use hw_sim::image::{build, build_with, dev_signing_key, sign};
 use nic_firmware::pipeline::{Decision, Packet};
 use nic_firmware::{Class, FlowTuple, LinkType, PipelineConfig};
 
@@ -663,6 +663,99 @@ fn classifier_tables_load_and_clear_through_the_ring() {
                 .unwrap()
                 .classifier()
                 .is_none()
+        );
+    });
+}
+
+#[test]
+fn an_image_carries_classifier_tables_and_a_corrupt_section_changes_nothing() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        let config = PipelineConfig::default();
+        let tables = flowshard::profiler::nic_tables(None).unwrap();
+        let with = sign(
+            &build_with(&config, 2, Some(&tables)).unwrap(),
+            &dev_signing_key(),
+        )
+        .unwrap();
+        let report = nic.flash(&with, 64 << 10, &mut |_, _| true).unwrap();
+        assert_eq!(report.image_version, 2);
+        {
+            let m = rig.model.lock().unwrap();
+            let loaded = m.pipeline().unwrap().classifier().unwrap();
+            assert_eq!(
+                loaded.to_bytes(),
+                tables.to_bytes(),
+                "booted with the image's tables"
+            );
+        }
+        for i in 0..8 {
+            rig.traffic(0..5, 1_000 + i * 1_000);
+        }
+        let on_nic = |rig: &Rig| {
+            let m = rig.model.lock().unwrap();
+            m.pipeline().unwrap().counters().flows_classified_on_nic
+        };
+        assert_eq!(on_nic(rig), 5);
+        let before = nic.status().unwrap();
+        // Damage the tables' header, then make both CRCs and the signature right: only
+        // the device's check of the tables can refuse it.
+        let unsigned = build_with(&config, 3, Some(&tables)).unwrap();
+        let tables_at = unsigned.len() - tables.to_bytes().len();
+        for (at, value, what) in [(tables_at, b'Z', "magic"), (tables_at + 6, 4, "N")] {
+            let mut b = unsigned.clone();
+            b[at] = value;
+            let crc = crc32c(&b[HEADER_LEN..]);
+            b[20..24].copy_from_slice(&crc.to_le_bytes());
+            let crc = crc32c(&b[..60]);
+            b[60..64].copy_from_slice(&crc.to_le_bytes());
+            let bad = sign(&b, &dev_signing_key()).unwrap();
+            let err = rejected(nic.flash(&bad, 64 << 10, &mut |_, _| true));
+            match what {
+                "magic" => assert_eq!(
+                    err,
+                    ImageError::BadClassifier {
+                        offset: tables_at as u32
+                    }
+                ),
+                _ => assert_eq!(
+                    err.to_string(),
+                    "image configuration out of range: `classifier.packets`"
+                ),
+            }
+            let after = nic.status().unwrap();
+            assert_eq!(
+                (after.image_version, after.slot, after.pending, after.resets),
+                (
+                    before.image_version,
+                    before.slot,
+                    before.pending,
+                    before.resets
+                ),
+                "{what}: the device changed"
+            );
+            assert!(
+                rig.model
+                    .lock()
+                    .unwrap()
+                    .pipeline()
+                    .unwrap()
+                    .classifier()
+                    .is_some()
+            );
+        }
+        // The message a user sees names the problem and says nothing changed.
+        let e = NicError::Rejected {
+            device: "x".into(),
+            error: ImageError::BadClassifier {
+                offset: tables_at as u32,
+            },
+        }
+        .to_string();
+        assert!(
+            e.contains("corrupt classifier tables in the image")
+                && e.contains("active image untouched"),
+            "{e}"
         );
     });
 }
