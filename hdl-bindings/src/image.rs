@@ -1,4 +1,4 @@
-//! The firmware image format, version 1.0: what `flowshard image build` writes and the
+//! The firmware image format, version 1.1: what `flowshard image build` writes and the
 //! NIC's flash verifies before it will boot it.
 //!
 //! ```text
@@ -21,8 +21,12 @@
 //! | 60 | 4 | CRC32C of header bytes 0..60 |
 //!
 //! The payload is one [`ConfigSection`] (104 bytes), then `node_count` [`NodeEntry`]s,
-//! `policy_count` [`PolicyEntry`]s and `rule_count` [`RuleEntry`]s; its length must be
-//! exactly that. The signature block is magic `FSSIGED1`, the first 8 bytes of the
+//! `policy_count` [`PolicyEntry`]s, `rule_count` [`RuleEntry`]s and `classifier_len`
+//! bytes of classifier tables (`nic_firmware::profile::ClassifierTables::to_bytes`;
+//! none when 0); its length must be exactly that. Version 1.1 added the classifier
+//! section in what 1.0 reserved, so a 1.0 image reads the same; a 1.0 device refuses an
+//! image that carries tables (its payload is longer than it expects) rather than run
+//! without them. The signature block is magic `FSSIGED1`, the first 8 bytes of the
 //! signer's ed25519 public key (to name it in errors), and the 64-byte ed25519
 //! signature of header and payload.
 //!
@@ -36,7 +40,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"FSNICIMG";
 pub const SIGNATURE_MAGIC: [u8; 8] = *b"FSSIGED1";
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 pub const HEADER_LEN: usize = 64;
 pub const SIGNATURE_BLOCK_LEN: usize = 80;
 /// Largest image a flash slot holds.
@@ -79,7 +83,9 @@ pub struct ConfigSection {
     pub node_count: U16,
     pub policy_count: U16,
     pub rule_count: U16,
-    pub reserved: [u8; 6],
+    /// Bytes of classifier tables at the end of the payload (format 1.1).
+    pub classifier_len: U32,
+    pub reserved: [u8; 2],
 }
 
 /// A node: id, state (0 active, 1 draining, 2 down), weight.
@@ -130,7 +136,7 @@ const _: () = assert!(core::mem::size_of::<SignatureBlock>() == SIGNATURE_BLOCK_
 pub const CONFIG_SECTION_LEN: usize = 104;
 
 /// Configuration keys, numbered for the flash error register (`flash.DETAIL`).
-pub const CONFIG_KEYS: [&str; 17] = [
+pub const CONFIG_KEYS: [&str; 18] = [
     "config",
     "flow_capacity",
     "buckets",
@@ -148,6 +154,7 @@ pub const CONFIG_KEYS: [&str; 17] = [
     "class_policies",
     "class_policies.group",
     "port_rules",
+    "classifier.packets",
 ];
 
 /// Number of a configuration key in [`CONFIG_KEYS`]; 0 ("config") when not listed.
@@ -203,6 +210,10 @@ pub enum ImageError {
     DmaFault {
         addr: u32,
     },
+    /// The classifier section is not valid tables (byte offset in the image).
+    BadClassifier {
+        offset: u32,
+    },
 }
 
 impl ImageError {
@@ -222,6 +233,7 @@ impl ImageError {
             ImageError::TooLarge { len } => (11, len),
             ImageError::Sequence { offset } => (12, offset),
             ImageError::DmaFault { addr } => (13, addr),
+            ImageError::BadClassifier { offset } => (14, offset),
         }
     }
 
@@ -243,6 +255,7 @@ impl ImageError {
             11 => ImageError::TooLarge { len: detail },
             12 => ImageError::Sequence { offset: detail },
             13 => ImageError::DmaFault { addr: detail },
+            14 => ImageError::BadClassifier { offset: detail },
             _ => return None,
         })
     }
@@ -302,6 +315,10 @@ impl core::fmt::Display for ImageError {
                     "flash chunk at host address {addr:#x}… is not DMA-mapped"
                 )
             }
+            ImageError::BadClassifier { offset } => write!(
+                f,
+                "corrupt classifier tables in the image (at byte {offset})"
+            ),
         }
     }
 }
@@ -314,6 +331,8 @@ pub struct ImageView<'a> {
     pub nodes: &'a [NodeEntry],
     pub policies: &'a [PolicyEntry],
     pub rules: &'a [RuleEntry],
+    /// Serialized classifier tables (empty: none).
+    pub classifier: &'a [u8],
     /// Header and payload: what the CRCs and the signature cover.
     pub signed: &'a [u8],
     pub payload: &'a [u8],
@@ -377,6 +396,10 @@ impl<'a> ImageView<'a> {
         let (rules, rest) =
             <[RuleEntry]>::ref_from_prefix_with_elems(rest, config.rule_count.get().into())
                 .map_err(|_| bad(92))?;
+        let classifier = rest
+            .get(..config.classifier_len.get() as usize)
+            .ok_or(bad(98))?;
+        let rest = &rest[classifier.len()..];
         if !rest.is_empty() {
             return Err(bad(payload_len - rest.len()));
         }
@@ -386,6 +409,7 @@ impl<'a> ImageView<'a> {
             nodes,
             policies,
             rules,
+            classifier,
             signed: &bytes[..end],
             payload,
             signature,
@@ -413,6 +437,7 @@ mod tests {
             ImageError::TooLarge { len: 9 },
             ImageError::Sequence { offset: 4 },
             ImageError::DmaFault { addr: 8 },
+            ImageError::BadClassifier { offset: 300 },
         ];
         for e in all {
             let (c, d) = e.to_code();
@@ -422,6 +447,7 @@ mod tests {
         assert_eq!(config_key_id("buckets"), 2);
         assert_eq!(config_key_id("port_rules.ports"), 16);
         assert_eq!(config_key_id("whatever"), 0);
+        assert_eq!(config_key_id("classifier.packets"), 17);
     }
 
     #[test]

@@ -304,6 +304,11 @@ pub enum ImageCommand {
         /// Leave the image unsigned (for signing later with `image sign`).
         #[arg(long)]
         unsigned: bool,
+        /// Include the profiler's trees as the NIC's classifier tables, so it classifies
+        /// each flow itself at packet N from boot: the shipped model's without a value,
+        /// else a trees file (`models/profiler.trees.json` format).
+        #[arg(long, value_name = "TREES", num_args = 0..=1)]
+        classifier: Option<Option<PathBuf>>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -434,12 +439,14 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 image_version,
                 key,
                 unsigned,
+                classifier,
                 output,
             } => nic_cmd::build(
                 config.as_deref(),
                 image_version,
                 key.as_deref(),
                 unsigned,
+                classifier.as_ref().map(|t| t.as_deref()),
                 &output,
             ),
             ImageCommand::Inspect {

@@ -6,12 +6,15 @@ use std::collections::HashSet;
 use hdl_bindings::image::ImageError;
 use hdl_bindings::regs::{cmd, flash, ident, telem};
 use hdl_bindings::ring::{
-    CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2,
-    NO_NODE, NODE_ENTRY_LEN, Status, TELEMETRY_ENTRY_LEN, Table,
+    CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, FLOW_LIST_ENTRY_LEN, FlowResult,
+    MAX_CLASSIFIER_LEN, MAX_CMD_RING_LOG2, MAX_LIST_ENTRIES, MAX_TELEMETRY_RING_LOG2, NO_NODE,
+    NODE_ENTRY_LEN, Opcode, Status, TELEMETRY_ENTRY_LEN, Table,
 };
 use hdl_bindings::{BAR0_SIZE, BLOCKS, IRQ_CMD, IRQ_TELEMETRY, PCI_DEVICE_ID, PCI_VENDOR_ID};
-use hw_sim::device::{TelemetryItem, decode_entry, flash_op, flash_state};
+use hw_sim::device::{TelemetryItem, decode_entry, flash_op, flash_state, flow_list_entry};
 use hw_sim::dma::{EventFd, SharedMemory};
+use nic_firmware::profile::ClassifierTables;
+use nic_firmware::{Class, FlowTuple};
 use serde::Serialize;
 use zerocopy::IntoBytes;
 
@@ -22,6 +25,10 @@ const CMD_IOVA: u64 = 0x1_0000_0000;
 const TELEM_IOVA: u64 = 0x2_0000_0000;
 const FLASH_IOVA: u64 = 0x3_0000_0000;
 const TABLES_IOVA: u64 = 0x4_0000_0000;
+/// Flow lists and classifier tables for the command ring: a buffer kept mapped between
+/// commands and grown when a list needs more, so a steady stream of updates costs no
+/// mapping (a socket round trip over vfio-user) per batch.
+const LIST_IOVA: u64 = 0x5_0000_0000;
 /// Most bytes of steering tables the driver accepts from a device (2^24 buckets).
 const MAX_TABLE_BYTES: usize = 40 << 20;
 /// Longest the driver waits for the device to finish a request.
@@ -78,6 +85,12 @@ pub enum NicError {
         device: String,
         written: usize,
         total: usize,
+    },
+    #[error("{device}: {what} refused, nothing applied: {}", .status.as_str())]
+    Refused {
+        device: String,
+        what: &'static str,
+        status: Status,
     },
     #[error("{device}: {what}")]
     Protocol { device: String, what: String },
@@ -192,6 +205,8 @@ pub struct Nic<D: Device> {
     blocks: Blocks,
     cmd: Option<CmdRing>,
     telem: Option<TelemRing>,
+    /// The buffer mapped at `LIST_IOVA`, once a list command needed one.
+    list: Option<SharedMemory>,
 }
 
 impl<D: Device> Nic<D> {
@@ -220,6 +235,7 @@ impl<D: Device> Nic<D> {
             blocks,
             cmd: None,
             telem: None,
+            list: None,
         })
     }
 
@@ -579,6 +595,148 @@ impl<D: Device> Nic<D> {
                 )));
             }
         }
+    }
+
+    /// Hand established flows off to new nodes: each flow moves to its node at its next
+    /// flowlet boundary (the node then must be active, or the move is dropped). Call it
+    /// after the flow's state has reached the new node; `NO_FLOW_NODE` as the node
+    /// cancels a pending handoff. One batch, one epoch: an undefined node or a
+    /// malformed tuple refuses all of it. Returns what happened to each flow (a flow
+    /// that has ended is [`FlowResult::NoSuchFlow`], not an error). Needs the command
+    /// ring.
+    pub fn hand_off_flows(
+        &mut self,
+        flows: &[(FlowTuple, u16)],
+    ) -> Result<Vec<FlowResult>, NicError> {
+        self.flow_list(Opcode::HandOffFlows, "flow handoff", flows)
+    }
+
+    /// Move flows to nodes now and keep them there through flowlet sharding;
+    /// `NO_FLOW_NODE` as the node unpins. A node that is not active when the batch
+    /// applies leaves its flow where it is ([`FlowResult::NodeNotActive`]).
+    pub fn pin_flows(&mut self, flows: &[(FlowTuple, u16)]) -> Result<Vec<FlowResult>, NicError> {
+        self.flow_list(Opcode::PinFlows, "flow pin", flows)
+    }
+
+    /// Push the profiler's classes down to live flows: per-class counters and class
+    /// policies follow from each flow's next flowlet.
+    pub fn push_flow_classes(
+        &mut self,
+        flows: &[(FlowTuple, Class)],
+    ) -> Result<Vec<FlowResult>, NicError> {
+        let list: Vec<(FlowTuple, u16)> = flows.iter().map(|(t, c)| (*t, *c as u16)).collect();
+        self.flow_list(Opcode::SetFlowClasses, "class push", &list)
+    }
+
+    /// Load the classifier tables the NIC classifies new flows with at their N-th
+    /// packet, or with `None` remove them. Their N must be the image's
+    /// `feature_packets`.
+    pub fn load_classifier(&mut self, tables: Option<&ClassifierTables>) -> Result<(), NicError> {
+        let bytes = tables.map(ClassifierTables::to_bytes).unwrap_or_default();
+        if bytes.len() > MAX_CLASSIFIER_LEN as usize {
+            return Err(self.protocol(format!(
+                "classifier tables of {} bytes; the command ring takes at most {MAX_CLASSIFIER_LEN}",
+                bytes.len()
+            )));
+        }
+        let iova = if bytes.is_empty() {
+            0
+        } else {
+            let buf = self.list_buffer(bytes.len())?;
+            if !buf.mapping().write(0, &bytes) {
+                return Err(self.protocol("classifier tables larger than their buffer"));
+            }
+            LIST_IOVA
+        };
+        let desc = CmdDesc::list(Opcode::LoadClassifier, bytes.len() as u32, iova);
+        match self.submit(&[desc])?[0] {
+            Status::Ok => Ok(()),
+            status => Err(NicError::Refused {
+                device: self.name.clone(),
+                what: "classifier load",
+                status,
+            }),
+        }
+    }
+
+    /// The list buffer, mapped and at least `len` bytes long.
+    fn list_buffer(&mut self, len: usize) -> Result<&SharedMemory, NicError> {
+        if self.list.as_ref().is_none_or(|m| m.len() < len) {
+            if let Some(old) = self.list.take() {
+                self.dev
+                    .dma_unmap(LIST_IOVA, old.len() as u64)
+                    .map_err(|e| self.err(e))?;
+            }
+            let mem =
+                SharedMemory::new(len.next_power_of_two().max(1 << 16)).map_err(|source| {
+                    self.err(DeviceError::Io {
+                        op: "allocate list buffer".into(),
+                        source,
+                    })
+                })?;
+            self.dev.dma_map(LIST_IOVA, &mem).map_err(|e| self.err(e))?;
+            self.list = Some(mem);
+        }
+        self.list
+            .as_ref()
+            .ok_or_else(|| self.protocol("list buffer vanished"))
+    }
+
+    /// Send `flows` as list descriptors of `op` in one batch and read back each
+    /// entry's result.
+    fn flow_list(
+        &mut self,
+        op: Opcode,
+        what: &'static str,
+        flows: &[(FlowTuple, u16)],
+    ) -> Result<Vec<FlowResult>, NicError> {
+        if flows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = flows.len() * FLOW_LIST_ENTRY_LEN;
+        let buf = self.list_buffer(len)?;
+        let mut bytes = vec![0u8; len];
+        for (chunk, (t, v)) in bytes.chunks_exact_mut(FLOW_LIST_ENTRY_LEN).zip(flows) {
+            chunk.copy_from_slice(flow_list_entry(t, *v).as_bytes());
+        }
+        if !buf.mapping().write(0, &bytes) {
+            return Err(self.protocol("flow list larger than its buffer"));
+        }
+        let per = MAX_LIST_ENTRIES as usize;
+        let batch: Vec<CmdDesc> = (0..flows.len())
+            .step_by(per)
+            .map(|first| {
+                let n = per.min(flows.len() - first);
+                CmdDesc::list(
+                    op,
+                    n as u32,
+                    LIST_IOVA + (first * FLOW_LIST_ENTRY_LEN) as u64,
+                )
+            })
+            .collect();
+        let statuses = self.submit(&batch)?;
+        if let Some(status) = statuses.iter().find(|s| **s != Status::Ok) {
+            return Err(NicError::Refused {
+                device: self.name.clone(),
+                what,
+                status: *status,
+            });
+        }
+        let buf = self.list_buffer(len)?;
+        if !buf.mapping().read(0, &mut bytes) {
+            return Err(self.protocol("flow list larger than its buffer"));
+        }
+        bytes
+            .chunks_exact(FLOW_LIST_ENTRY_LEN)
+            .enumerate()
+            .map(|(i, e)| match FlowResult::from_u8(e[40]) {
+                Some(FlowResult::NotApplied) | None => Err(self.protocol(format!(
+                    "{what}: entry {i} of an applied list has result {}",
+                    e[40]
+                ))),
+                Some(r) => Ok(r),
+            })
+            .collect()
     }
 
     /// Read the steering tables back in one command batch, so they are one consistent

@@ -79,10 +79,12 @@ pub fn build(
     version: u32,
     key: Option<&Path>,
     unsigned: bool,
+    classifier: Option<Option<&Path>>,
     out: &Path,
 ) -> Result<(), Error> {
     let cfg = nic_config::load(config)?;
-    let img = hw_sim::image::build(&cfg, version).map_err(|e| {
+    let tables = classifier.map(crate::profiler::nic_tables).transpose()?;
+    let img = hw_sim::image::build_with(&cfg, version, tables.as_ref()).map_err(|e| {
         Error::Usage(format!(
             "{}: {e}",
             config.map_or("embedded default".into(), |p| p.display().to_string())
@@ -99,9 +101,15 @@ pub fn build(
     };
     write_atomic(out, &img)?;
     eprintln!(
-        "{}: image version {version}, {} bytes, {}",
+        "{}: image version {version}, {} bytes{}, {}",
         out.display(),
         img.len(),
+        tables.as_ref().map_or(String::new(), |t| format!(
+            " with classifier tables of {} trees, {} leaves for N = {}",
+            t.sizes().trees,
+            t.sizes().leaves,
+            t.packets()
+        )),
         if unsigned {
             "unsigned".to_string()
         } else if key.is_none() {
@@ -135,6 +143,18 @@ struct Inspect<'a> {
     development_key: bool,
     signature_valid: Option<bool>,
     config: &'a nic_firmware::PipelineConfig,
+    /// The classifier tables' sizes, if the image carries them.
+    classifier_tables: Option<ClassifierSizes>,
+}
+
+/// `TableSizes` as `image inspect --json` shows them.
+#[derive(Debug, Serialize)]
+struct ClassifierSizes {
+    trees: usize,
+    features_used: usize,
+    range_entries: usize,
+    leaves: usize,
+    bytes: usize,
 }
 
 /// `flowshard image inspect`: check integrity and show what the image holds. With
@@ -168,6 +188,13 @@ pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), E
         development_key,
         signature_valid,
         config: &info.config,
+        classifier_tables: info.classifier.map(|z| ClassifierSizes {
+            trees: z.trees,
+            features_used: z.features_used,
+            range_entries: z.range_entries,
+            leaves: z.leaves,
+            bytes: z.bytes,
+        }),
     };
     if json {
         println!(
@@ -215,6 +242,17 @@ pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), E
             "asymmetric"
         }
     );
+    match &report.classifier_tables {
+        None => println!("  NIC tables     none (flows are classified by the host only)"),
+        Some(z) => println!(
+            "  NIC tables     {} trees, {} range entries over {} features, {} leaves, {} KiB",
+            z.trees,
+            z.range_entries,
+            z.features_used,
+            z.leaves,
+            z.bytes.div_ceil(1024)
+        ),
+    }
     Ok(())
 }
 

@@ -18,14 +18,16 @@ use ed25519_dalek::VerifyingKey;
 use hdl_bindings::image::{ImageError, MAX_IMAGE_LEN};
 use hdl_bindings::regs::{cmd, flash, ident, telem};
 use hdl_bindings::ring::{
-    CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, CounterSnapshot, EntryKind,
-    MAX_CMD_RING_LOG2, MAX_TELEMETRY_RING_LOG2, NO_NODE, NODE_ENTRY_LEN, Opcode, Scope, Status,
-    TELEMETRY_ENTRY_LEN, TELEMETRY_VERSION, Table, TelemetryHeader,
+    CMD_DESC_LEN, COMPLETION_LEN, CmdDesc, Completion, CounterSnapshot, EntryKind, FLOW_IPV6,
+    FLOW_LIST_ENTRY_LEN, FlowListEntry, FlowResult, MAX_CLASSIFIER_LEN, MAX_CMD_RING_LOG2,
+    MAX_LIST_ENTRIES, MAX_TELEMETRY_RING_LOG2, NO_FLOW_NODE, NO_NODE, NODE_ENTRY_LEN, Opcode,
+    Scope, Status, TELEMETRY_ENTRY_LEN, TELEMETRY_VERSION, Table, TelemetryHeader,
 };
 use hdl_bindings::telemetry::FEATURE_RECORD_LEN;
 use hdl_bindings::{IRQ_CMD, IRQ_TELEMETRY, IRQ_VECTORS, PCI_DEVICE_ID, PCI_VENDOR_ID};
 use nic_firmware::pipeline::{Decision, FlowCounters, Packet};
-use nic_firmware::{Class, LinkType, Pipeline, PipelineConfig};
+use nic_firmware::profile::ClassifierTables;
+use nic_firmware::{Class, FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -639,8 +641,15 @@ impl NicDevice {
         if memory_needed(&info.config) > self.opts.memory_bytes {
             return false;
         }
+        // Verified above, so the tables read and fit the image's N.
+        let Ok(tables) = image::classifier_tables(image) else {
+            return false;
+        };
         match Pipeline::new(&info.config) {
-            Ok(p) => {
+            Ok(mut p) => {
+                if p.load_classifier(tables).is_err() {
+                    return false;
+                }
                 self.pipeline = Some(p);
                 self.fw_version = info.image_version;
                 true
@@ -721,17 +730,29 @@ impl NicDevice {
         }
     }
 
-    /// Check every descriptor of a batch, then apply all of them or none.
+    /// Check every descriptor of a batch — reading the lists and tables it names from
+    /// host memory — then apply all of them or none.
     fn apply_batch(&mut self, batch: &[CmdDesc]) -> Vec<Status> {
         let Some(p) = self.pipeline.as_mut() else {
             return vec![Status::NotRunning; batch.len()];
         };
-        let mut statuses: Vec<Status> = batch.iter().map(|d| check(p, d)).collect();
+        let mut payloads = Vec::with_capacity(batch.len());
+        let mut statuses = Vec::with_capacity(batch.len());
+        for d in batch {
+            let (status, payload) = match check(p, d) {
+                Status::Ok => match read_payload(p, &self.dma, d) {
+                    Ok(payload) => (Status::Ok, payload),
+                    Err(s) => (s, Payload::None),
+                },
+                s => (s, Payload::None),
+            };
+            statuses.push(status);
+            payloads.push(payload);
+        }
         for (d, s) in batch.iter().zip(statuses.iter_mut()) {
             if *s == Status::Ok && d.opcode.get() == Opcode::ReadTable as u16 {
-                let iova = u64::from(d.arg1.get()) | (u64::from(d.arg2.get()) << 32);
                 let table = Table::from_u32(d.arg0.get()).map(|t| table_bytes(p, t));
-                if table.is_none_or(|t| self.dma.write(iova, &t).is_err()) {
+                if table.is_none_or(|t| self.dma.write(d.iova(), &t).is_err()) {
                     *s = Status::BadArgument;
                 }
             }
@@ -742,21 +763,50 @@ impl NicDevice {
                 .map(|s| if s == Status::Ok { Status::Aborted } else { s })
                 .collect();
         }
-        for d in batch {
+        for (d, payload) in batch.iter().zip(payloads) {
             // Checked above against the same tables, so applying cannot fail.
             let (a0, a1) = (d.arg0.get(), d.arg1.get());
-            let _ = match Opcode::from_u16(d.opcode.get()) {
-                Some(Opcode::SetBucket) => p.set_bucket(a0, a1 as u16),
-                Some(Opcode::SetShardNode) => p.set_shard_node(a0 as u16, a1 as u16),
-                Some(Opcode::SetNodeState) => match image::node_state_from_code(a1) {
-                    Some(s) => p.set_node_state(a0 as u16, s),
-                    None => Ok(()),
+            let op = Opcode::from_u16(d.opcode.get());
+            let _ = match (op, payload) {
+                (Some(Opcode::LoadClassifier), Payload::Classifier(t)) => p.load_classifier(t),
+                (
+                    Some(op),
+                    Payload::Flows {
+                        iova,
+                        mut raw,
+                        flows,
+                    },
+                ) => {
+                    let results = apply_flows(p, op, &flows);
+                    for (e, r) in raw.chunks_exact_mut(FLOW_LIST_ENTRY_LEN).zip(results) {
+                        e[40] = r as u8;
+                    }
+                    // Read from the same mapping a moment ago, so the write lands; if the
+                    // host unmapped it meanwhile it only loses the per-entry results.
+                    let _ = self.dma.write(iova, &raw);
+                    Ok(())
+                }
+                (op, _) => match op {
+                    Some(Opcode::SetBucket) => p.set_bucket(a0, a1 as u16),
+                    Some(Opcode::SetShardNode) => p.set_shard_node(a0 as u16, a1 as u16),
+                    Some(Opcode::SetNodeState) => match image::node_state_from_code(a1) {
+                        Some(s) => p.set_node_state(a0 as u16, s),
+                        None => Ok(()),
+                    },
+                    Some(Opcode::SetClassGroup) => match Class::from_index(a0 as u8) {
+                        Some(c) => p.set_class_group(c, a1 as u8),
+                        None => Ok(()),
+                    },
+                    Some(
+                        Opcode::Nop
+                        | Opcode::ReadTable
+                        | Opcode::HandOffFlows
+                        | Opcode::PinFlows
+                        | Opcode::SetFlowClasses
+                        | Opcode::LoadClassifier,
+                    )
+                    | None => Ok(()),
                 },
-                Some(Opcode::SetClassGroup) => match Class::from_index(a0 as u8) {
-                    Some(c) => p.set_class_group(c, a1 as u8),
-                    None => Ok(()),
-                },
-                Some(Opcode::Nop | Opcode::ReadTable) | None => Ok(()),
             };
         }
         self.cmd.epoch = self.cmd.epoch.wrapping_add(1);
@@ -920,6 +970,145 @@ fn table_bytes(p: &Pipeline, table: Table) -> Vec<u8> {
     }
 }
 
+/// What checking a descriptor read from host memory, kept to apply it.
+enum Payload {
+    None,
+    /// A flow list: where it lies, its bytes (to write the results back into) and its
+    /// entries as tuples with their values.
+    Flows {
+        iova: u64,
+        raw: Vec<u8>,
+        flows: Vec<(FlowTuple, u16)>,
+    },
+    Classifier(Option<ClassifierTables>),
+}
+
+/// The flow a list entry names, if the entry is well formed.
+fn entry_tuple(e: &FlowListEntry) -> Option<FlowTuple> {
+    let ipv6 = e.flags & FLOW_IPV6 != 0;
+    let padded = |a: &[u8; 16]| ipv6 || a[4..].iter().all(|b| *b == 0);
+    if e.flags & !FLOW_IPV6 != 0
+        || e.result != 0
+        || e.reserved != [0; 7]
+        || !padded(&e.src)
+        || !padded(&e.dst)
+    {
+        return None;
+    }
+    Some(FlowTuple {
+        src: e.src,
+        dst: e.dst,
+        sport: e.sport.get(),
+        dport: e.dport.get(),
+        proto: e.proto,
+        ipv6,
+        has_ports: matches!(e.proto, ipproto::TCP | ipproto::UDP),
+    })
+}
+
+/// The list entry of `tuple` with `value`, as the host writes it.
+pub fn flow_list_entry(tuple: &FlowTuple, value: u16) -> FlowListEntry {
+    FlowListEntry {
+        src: tuple.src,
+        dst: tuple.dst,
+        sport: U16::new(tuple.sport),
+        dport: U16::new(tuple.dport),
+        proto: tuple.proto,
+        flags: if tuple.ipv6 { FLOW_IPV6 } else { 0 },
+        value: U16::new(value),
+        ..FlowListEntry::default()
+    }
+}
+
+/// Read and check the list or tables a descriptor names (nothing for other opcodes).
+fn read_payload(p: &Pipeline, dma: &DmaSpace, d: &CmdDesc) -> Result<Payload, Status> {
+    let op = Opcode::from_u16(d.opcode.get());
+    let count = d.arg0.get();
+    match op {
+        Some(Opcode::LoadClassifier) => {
+            if count == 0 {
+                return Ok(Payload::Classifier(None));
+            }
+            if count > MAX_CLASSIFIER_LEN {
+                return Err(Status::BadCount);
+            }
+            let mut bytes = vec![0u8; count as usize];
+            dma.read(d.iova(), &mut bytes)
+                .map_err(|_| Status::DmaFault)?;
+            let t = ClassifierTables::from_bytes(&bytes).map_err(|_| Status::BadClassifier)?;
+            if t.packets() != p.config().feature_packets {
+                return Err(Status::BadClassifier);
+            }
+            Ok(Payload::Classifier(Some(t)))
+        }
+        Some(Opcode::HandOffFlows | Opcode::PinFlows | Opcode::SetFlowClasses) => {
+            if count == 0 || count > MAX_LIST_ENTRIES {
+                return Err(Status::BadCount);
+            }
+            let mut raw = vec![0u8; count as usize * FLOW_LIST_ENTRY_LEN];
+            dma.read(d.iova(), &mut raw).map_err(|_| Status::DmaFault)?;
+            let mut defined = vec![false; p.counters().nodes.len()];
+            for n in p.nodes() {
+                defined[usize::from(n.id)] = true;
+            }
+            let classes = op == Some(Opcode::SetFlowClasses);
+            let mut flows = Vec::with_capacity(count as usize);
+            for chunk in raw.chunks_exact(FLOW_LIST_ENTRY_LEN) {
+                let e = FlowListEntry::ref_from_bytes(chunk).map_err(|_| Status::BadFlow)?;
+                let tuple = entry_tuple(e).ok_or(Status::BadFlow)?;
+                let v = e.value.get();
+                if classes && usize::from(v) >= Class::COUNT {
+                    return Err(Status::BadClass);
+                }
+                if !classes && v != NO_FLOW_NODE && !defined.get(usize::from(v)).is_some_and(|d| *d)
+                {
+                    return Err(Status::BadNode);
+                }
+                flows.push((tuple, v));
+            }
+            Ok(Payload::Flows {
+                iova: d.iova(),
+                raw,
+                flows,
+            })
+        }
+        _ => Ok(Payload::None),
+    }
+}
+
+/// Apply a checked flow list in order; one result per entry.
+fn apply_flows(p: &mut Pipeline, op: Opcode, flows: &[(FlowTuple, u16)]) -> Vec<FlowResult> {
+    let done = |ok: bool| {
+        if ok {
+            FlowResult::Applied
+        } else {
+            FlowResult::NoSuchFlow
+        }
+    };
+    let mut active = vec![false; p.counters().nodes.len()];
+    for n in p.nodes() {
+        active[usize::from(n.id)] = n.state == nic_firmware::NodeState::Active;
+    }
+    flows
+        .iter()
+        .map(|(t, v)| match (op, *v) {
+            (Opcode::HandOffFlows, NO_FLOW_NODE) => done(p.cancel_hand_off(t)),
+            (Opcode::HandOffFlows, node) => done(p.hand_off(t, node)),
+            (Opcode::PinFlows, NO_FLOW_NODE) => done(p.unpin_flow(t)),
+            (Opcode::PinFlows, node) if !active.get(usize::from(node)).is_some_and(|a| *a) => {
+                // Counted as a refused pin, like any pin onto a node that is not active.
+                p.pin_flow(t, node);
+                FlowResult::NodeNotActive
+            }
+            (Opcode::PinFlows, node) => done(p.pin_flow(t, node)),
+            (_, class) => match Class::from_index(class as u8) {
+                Some(c) => done(p.set_flow_class(t, c)),
+                None => FlowResult::NotApplied,
+            },
+        })
+        .collect()
+}
+
 /// Whether a descriptor can be applied to `p` as it is now.
 fn check(p: &Pipeline, d: &CmdDesc) -> Status {
     let (a0, a1) = (d.arg0.get(), d.arg1.get());
@@ -928,6 +1117,13 @@ fn check(p: &Pipeline, d: &CmdDesc) -> Status {
         None => return Status::BadOpcode,
         Some(Opcode::Nop) => true,
         Some(Opcode::ReadTable) => Table::from_u32(a0).is_some(),
+        // Their lists and tables are checked as they are read (`read_payload`).
+        Some(
+            Opcode::HandOffFlows
+            | Opcode::PinFlows
+            | Opcode::SetFlowClasses
+            | Opcode::LoadClassifier,
+        ) => true,
         Some(Opcode::SetBucket) => {
             (a0 as usize) < p.bucket_table().len() && (a1 as usize) < p.shard_table().len()
         }
@@ -966,4 +1162,325 @@ pub fn decode_entry(entry: &[u8]) -> Option<(u32, TelemetryItem)> {
         _ => return None,
     };
     Some((h.seq.get(), item))
+}
+
+#[cfg(test)]
+mod tests {
+    use hdl_bindings::ring::{FLOW_LIST_ENTRY_LEN, MAX_LIST_ENTRIES};
+    use nic_firmware::profile::{Forest, Node, SCORE_ONE};
+
+    use super::*;
+    use crate::dma::SharedMemory;
+    use crate::generate::{FRAME_LEN, WIRE_LEN, write_frame};
+
+    const IOVA: u64 = 0x1000_0000;
+    /// Where the tests put lists, inside the one mapping.
+    const LIST: u64 = IOVA + 4096;
+
+    /// A booted device with a command ring of 16 entries in one host buffer.
+    struct Host {
+        dev: NicDevice,
+        mem: SharedMemory,
+    }
+
+    impl Host {
+        fn new() -> Host {
+            let config = PipelineConfig {
+                flow_capacity: 4096,
+                buckets: 256,
+                shards: 16,
+                feature_packets: 4,
+                ..PipelineConfig::default()
+            };
+            let img = image::sign(
+                &image::build(&config, 1).unwrap(),
+                &image::dev_signing_key(),
+            )
+            .unwrap();
+            let mut dev = NicDevice::new(DeviceOptions::default());
+            dev.preload(img).unwrap();
+            let mem = SharedMemory::new(1 << 20).unwrap();
+            dev.dma_map(IOVA, Mapping::new(mem.fd(), 0, mem.len()).unwrap())
+                .unwrap();
+            Host { dev, mem }
+        }
+
+        /// Run one batch on a freshly reset ring; the statuses in order.
+        fn submit(&mut self, batch: &[CmdDesc]) -> Vec<Status> {
+            let cq = IOVA + 16 * CMD_DESC_LEN as u64;
+            self.dev.write(cmd::BASE + cmd::RING_LO, IOVA as u32);
+            self.dev
+                .write(cmd::BASE + cmd::RING_HI, (IOVA >> 32) as u32);
+            self.dev.write(cmd::BASE + cmd::CQ_LO, cq as u32);
+            self.dev.write(cmd::BASE + cmd::CQ_HI, 0);
+            self.dev.write(cmd::BASE + cmd::SIZE, 4);
+            for (i, d) in batch.iter().enumerate() {
+                let d = if i + 1 == batch.len() { d.commit() } else { *d };
+                assert!(self.mem.mapping().write(i * CMD_DESC_LEN, d.as_bytes()));
+            }
+            self.dev.write(cmd::BASE + cmd::TAIL, batch.len() as u32);
+            (0..batch.len())
+                .map(|i| {
+                    let mut c = Completion::default();
+                    let at = 16 * CMD_DESC_LEN + i * COMPLETION_LEN;
+                    assert!(self.mem.mapping().read(at, c.as_mut_bytes()));
+                    Status::from_u16(c.status.get()).unwrap()
+                })
+                .collect()
+        }
+
+        /// Write list entries at `LIST + offset`.
+        fn put(&self, offset: u64, entries: &[FlowListEntry]) {
+            for (i, e) in entries.iter().enumerate() {
+                let at = (LIST - IOVA + offset) as usize + i * FLOW_LIST_ENTRY_LEN;
+                assert!(self.mem.mapping().write(at, e.as_bytes()));
+            }
+        }
+
+        fn result(&self, offset: u64, i: usize) -> FlowResult {
+            let mut b = [0u8; 1];
+            let at = (LIST - IOVA + offset) as usize + i * FLOW_LIST_ENTRY_LEN + 40;
+            assert!(self.mem.mapping().read(at, &mut b));
+            FlowResult::from_u8(b[0]).unwrap()
+        }
+
+        /// One packet of generated flow `f` at `ts_ns`, and its tuple.
+        fn packet(&mut self, f: u32, ts_ns: u64) -> (Decision, FlowTuple) {
+            let mut frame = [0u8; FRAME_LEN];
+            write_frame(f, &mut frame);
+            let pkt = Packet {
+                ts_ns,
+                data: &frame,
+                wire_len: WIRE_LEN,
+            };
+            let mut out = Vec::new();
+            self.dev.receive(LinkType::Ethernet, &[pkt], &mut out);
+            let tuple = nic_firmware::parse::parse(LinkType::Ethernet, &frame, WIRE_LEN)
+                .unwrap()
+                .tuple;
+            (out[0], tuple)
+        }
+
+        fn pipeline(&self) -> &Pipeline {
+            self.dev.pipeline().unwrap()
+        }
+    }
+
+    fn tables(packets: u8) -> ClassifierTables {
+        let mut scores = [0; Class::COUNT];
+        scores[Class::Bulk as usize] = SCORE_ONE;
+        ClassifierTables::compile(&Forest {
+            packets,
+            trees: vec![vec![Node::Leaf { scores }]],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_bad_list_or_table_names_its_problem_and_nothing_of_the_batch_applies() {
+        let mut h = Host::new();
+        let (d, tuple) = h.packet(1, 1_000);
+        let node = (d.node + 1) % 4;
+        let good = flow_list_entry(&tuple, node);
+        let class = flow_list_entry(&tuple, Class::Video as u16);
+        h.put(0, &[class]);
+        h.put(1024, &[good]);
+        let mut bad_flags = good;
+        bad_flags.flags = 0x80;
+        let mut bad_pad = good;
+        bad_pad.src[7] = 1;
+        let mut dirty = good;
+        dirty.result = 1;
+        let mut reserved = good;
+        reserved.reserved[6] = 1;
+        let undefined = flow_list_entry(&tuple, 4);
+        let no_class = flow_list_entry(&tuple, Class::COUNT as u16);
+        h.put(
+            2048,
+            &[bad_flags, bad_pad, dirty, reserved, undefined, no_class],
+        );
+        let at = |i: u64| LIST + 2048 + i * FLOW_LIST_ENTRY_LEN as u64;
+        let classes = CmdDesc::list(Opcode::SetFlowClasses, 1, LIST);
+        let corrupt = {
+            let mut b = tables(4).to_bytes();
+            let n = b.len();
+            b[n - 3] ^= 0xff;
+            b[20] ^= 1;
+            b
+        };
+        assert!(h.mem.mapping().write(8192, &corrupt));
+        let wrong_n = tables(8).to_bytes();
+        assert!(h.mem.mapping().write(16384, &wrong_n));
+        let cases = [
+            (
+                CmdDesc::list(Opcode::HandOffFlows, 1, 0x9_0000_0000),
+                Status::DmaFault,
+            ),
+            // The list runs past the end of the mapping.
+            (
+                CmdDesc::list(Opcode::PinFlows, 30_000, LIST),
+                Status::DmaFault,
+            ),
+            (
+                CmdDesc::list(Opcode::HandOffFlows, 0, LIST),
+                Status::BadCount,
+            ),
+            (
+                CmdDesc::list(Opcode::HandOffFlows, MAX_LIST_ENTRIES + 1, LIST),
+                Status::BadCount,
+            ),
+            (
+                CmdDesc::list(Opcode::HandOffFlows, 1, at(0)),
+                Status::BadFlow,
+            ),
+            (
+                CmdDesc::list(Opcode::HandOffFlows, 1, at(1)),
+                Status::BadFlow,
+            ),
+            (CmdDesc::list(Opcode::PinFlows, 1, at(2)), Status::BadFlow),
+            (
+                CmdDesc::list(Opcode::SetFlowClasses, 1, at(3)),
+                Status::BadFlow,
+            ),
+            (
+                CmdDesc::list(Opcode::HandOffFlows, 1, at(4)),
+                Status::BadNode,
+            ),
+            (CmdDesc::list(Opcode::PinFlows, 1, at(4)), Status::BadNode),
+            (
+                CmdDesc::list(Opcode::SetFlowClasses, 1, at(5)),
+                Status::BadClass,
+            ),
+            (
+                CmdDesc::list(Opcode::LoadClassifier, corrupt.len() as u32, IOVA + 8192),
+                Status::BadClassifier,
+            ),
+            (
+                CmdDesc::list(Opcode::LoadClassifier, wrong_n.len() as u32, IOVA + 16384),
+                Status::BadClassifier,
+            ),
+            (
+                CmdDesc::list(Opcode::LoadClassifier, MAX_CLASSIFIER_LEN + 1, IOVA),
+                Status::BadCount,
+            ),
+        ];
+        for (desc, want) in cases {
+            // A good class push first: it must not apply when the next descriptor fails.
+            let st = h.submit(&[classes, desc]);
+            assert_eq!(st, [Status::Aborted, want], "{desc:?}");
+            assert_eq!(h.pipeline().counters().class_pushes, 0);
+            assert_eq!(h.result(0, 0), FlowResult::NotApplied);
+            assert_eq!(h.pipeline().pending_hand_offs(), 0);
+            assert!(h.pipeline().classifier().is_none());
+        }
+        assert_eq!(
+            h.submit(&[classes, CmdDesc::list(Opcode::HandOffFlows, 1, LIST + 1024)]),
+            [Status::Ok, Status::Ok]
+        );
+        assert_eq!(
+            (h.result(0, 0), h.result(1024, 0)),
+            (FlowResult::Applied, FlowResult::Applied)
+        );
+        assert_eq!(h.pipeline().pending_hand_offs(), 1);
+        // The flow's next flowlet reaches the new node, with the pushed class.
+        let (d, _) = h.packet(1, 1_000_000);
+        assert_eq!((d.node, d.class), (node, Class::Video as u8));
+        // A list whose result bytes the host did not clear is refused.
+        assert_eq!(
+            h.submit(&[CmdDesc::list(Opcode::SetFlowClasses, 1, LIST)]),
+            [Status::BadFlow]
+        );
+    }
+
+    #[test]
+    fn lists_report_each_flow_and_the_classifier_loads_and_clears() {
+        let mut h = Host::new();
+        let (d, tuple) = h.packet(1, 1_000);
+        let (_, gone) = h.packet(2, 1_000);
+        let gone = FlowTuple {
+            sport: gone.sport ^ 1,
+            ..gone
+        };
+        let target = (d.node + 1) % 4;
+        h.dev
+            .pipeline
+            .as_mut()
+            .unwrap()
+            .set_node_state((d.node + 2) % 4, nic_firmware::NodeState::Draining)
+            .unwrap();
+        h.put(
+            0,
+            &[
+                flow_list_entry(&tuple.reversed(), target),
+                flow_list_entry(&gone, target),
+                flow_list_entry(&tuple, (d.node + 2) % 4),
+            ],
+        );
+        assert_eq!(
+            h.submit(&[CmdDesc::list(Opcode::PinFlows, 3, LIST)]),
+            [Status::Ok]
+        );
+        assert_eq!(
+            [h.result(0, 0), h.result(0, 1), h.result(0, 2)],
+            [
+                FlowResult::Applied,
+                FlowResult::NoSuchFlow,
+                FlowResult::NodeNotActive
+            ]
+        );
+        assert_eq!(h.packet(1, 2_000).0.node, target, "a pin moves at once");
+        let c = h.pipeline().counters();
+        assert_eq!((c.flows_pinned, c.pins_refused), (1, 2));
+        h.put(
+            0,
+            &[
+                flow_list_entry(&tuple, NO_FLOW_NODE),
+                flow_list_entry(&gone, NO_FLOW_NODE),
+            ],
+        );
+        assert_eq!(
+            h.submit(&[CmdDesc::list(Opcode::PinFlows, 2, LIST)]),
+            [Status::Ok]
+        );
+        assert_eq!(
+            [h.result(0, 0), h.result(0, 1)],
+            [FlowResult::Applied, FlowResult::NoSuchFlow]
+        );
+        h.put(
+            0,
+            &[
+                flow_list_entry(&tuple, d.node),
+                flow_list_entry(&tuple, NO_FLOW_NODE),
+            ],
+        );
+        assert_eq!(
+            h.submit(&[CmdDesc::list(Opcode::HandOffFlows, 2, LIST)]),
+            [Status::Ok]
+        );
+        assert_eq!(
+            [h.result(0, 0), h.result(0, 1)],
+            [FlowResult::Applied, FlowResult::Applied],
+            "scheduled, then cancelled, in order"
+        );
+        assert_eq!(h.pipeline().pending_hand_offs(), 0);
+
+        let bytes = tables(4).to_bytes();
+        assert!(h.mem.mapping().write(8192, &bytes));
+        let load = CmdDesc::list(Opcode::LoadClassifier, bytes.len() as u32, IOVA + 8192);
+        assert_eq!(h.submit(&[load]), [Status::Ok]);
+        assert_eq!(h.pipeline().classifier().unwrap().to_bytes(), bytes);
+        for i in 0..4 {
+            h.packet(3, 10_000 + i);
+        }
+        assert_eq!(
+            h.packet(3, 20_000).0.class,
+            Class::Bulk as u8,
+            "classified on the NIC"
+        );
+        assert_eq!(
+            h.submit(&[CmdDesc::list(Opcode::LoadClassifier, 0, 0)]),
+            [Status::Ok]
+        );
+        assert!(h.pipeline().classifier().is_none());
+    }
 }

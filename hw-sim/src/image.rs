@@ -14,6 +14,7 @@ use hdl_bindings::image::{
     config_key_id,
 };
 use nic_firmware::config::PortRule;
+use nic_firmware::profile::{ClassifierTables, TableSizes};
 use nic_firmware::{
     Class, ClassPolicy, ConfigError, NodeConfig, NodeState, PipelineConfig, Timeouts,
 };
@@ -61,6 +62,8 @@ pub struct ImageInfo {
     /// Key id of the signer, if signed.
     pub signer: Option<[u8; 8]>,
     pub config: PipelineConfig,
+    /// Sizes of the classifier tables the image carries, if any.
+    pub classifier: Option<TableSizes>,
 }
 
 pub fn node_state_code(s: NodeState) -> u8 {
@@ -82,7 +85,33 @@ pub fn node_state_from_code(v: u32) -> Option<NodeState> {
 
 /// Build an unsigned image of a validated configuration.
 pub fn build(config: &PipelineConfig, image_version: u32) -> Result<Vec<u8>, ConfigError> {
+    build_with(config, image_version, None)
+}
+
+/// [`build`], with classifier tables the NIC loads when it boots the image, so it
+/// classifies flows from its first packet on without waiting for the host.
+pub fn build_with(
+    config: &PipelineConfig,
+    image_version: u32,
+    classifier: Option<&ClassifierTables>,
+) -> Result<Vec<u8>, ConfigError> {
     config.validate()?;
+    if classifier.is_some_and(|t| t.packets() != config.feature_packets) {
+        return Err(ConfigError::Invalid {
+            key: "classifier.packets",
+            why: "the classifier's N differs from feature_packets",
+        });
+    }
+    let tables = classifier
+        .map(ClassifierTables::to_bytes)
+        .unwrap_or_default();
+    let classifier_len = u32::try_from(tables.len())
+        .ok()
+        .filter(|l| (*l as usize) < hdl_bindings::image::MAX_IMAGE_LEN)
+        .ok_or(ConfigError::Invalid {
+            key: "classifier",
+            why: "tables larger than a flash slot",
+        })?;
     let count = |n: usize, key| {
         u16::try_from(n).map_err(|_| ConfigError::Invalid {
             key,
@@ -109,7 +138,8 @@ pub fn build(config: &PipelineConfig, image_version: u32) -> Result<Vec<u8>, Con
         node_count: U16::new(count(config.nodes.len(), "nodes")?),
         policy_count: U16::new(count(config.class_policies.len(), "class_policies")?),
         rule_count: U16::new(count(config.port_rules.len(), "port_rules")?),
-        reserved: [0; 6],
+        classifier_len: U32::new(classifier_len),
+        reserved: [0; 2],
     };
     let mut payload = section.as_bytes().to_vec();
     for n in &config.nodes {
@@ -139,6 +169,7 @@ pub fn build(config: &PipelineConfig, image_version: u32) -> Result<Vec<u8>, Con
         };
         payload.extend_from_slice(e.as_bytes());
     }
+    payload.extend_from_slice(&tables);
     let mut header = Header {
         magic: MAGIC,
         format_major: U16::new(FORMAT_MAJOR),
@@ -205,6 +236,8 @@ pub fn verify(image: &[u8], trusted: Option<&VerifyingKey>) -> Result<ImageInfo,
         key.verify(view.signed, &Signature::from_bytes(&block.signature))
             .map_err(|_| ImageError::BadSignature)?;
     }
+    let config = decode(&view)?;
+    let classifier = tables_of(&view, &config)?.map(|t| t.sizes());
     Ok(ImageInfo {
         image_version: view.header.image_version.get(),
         format_major: view.header.format_major.get(),
@@ -212,8 +245,37 @@ pub fn verify(image: &[u8], trusted: Option<&VerifyingKey>) -> Result<ImageInfo,
         len: image.len(),
         payload_crc: view.header.payload_crc.get(),
         signer: view.signature.map(|s| s.key_id),
-        config: decode(&view)?,
+        config,
+        classifier,
     })
+}
+
+/// The classifier tables of an image [`verify`] accepted (`None` if it has none).
+pub fn classifier_tables(image: &[u8]) -> Result<Option<ClassifierTables>, ImageError> {
+    let view = ImageView::parse(image)?;
+    tables_of(&view, &decode(&view)?)
+}
+
+/// Read an image's classifier section: tables that are not well formed, or whose N is
+/// not the image's `feature_packets`, refuse the image.
+fn tables_of(
+    view: &ImageView<'_>,
+    config: &PipelineConfig,
+) -> Result<Option<ClassifierTables>, ImageError> {
+    if view.classifier.is_empty() {
+        return Ok(None);
+    }
+    let start = HEADER_LEN + view.payload.len() - view.classifier.len();
+    let t =
+        ClassifierTables::from_bytes(view.classifier).map_err(|e| ImageError::BadClassifier {
+            offset: (start + e.offset) as u32,
+        })?;
+    if t.packets() != config.feature_packets {
+        return Err(ImageError::OutOfRange {
+            key: config_key_id("classifier.packets"),
+        });
+    }
+    Ok(Some(t))
 }
 
 fn decode(view: &ImageView<'_>) -> Result<PipelineConfig, ImageError> {
@@ -333,6 +395,107 @@ mod tests {
         let resigned = sign(&img, &other).unwrap();
         assert_eq!(resigned.len(), img.len());
         verify(&resigned, Some(&other.verifying_key())).unwrap();
+    }
+
+    fn port_tables(packets: u8) -> ClassifierTables {
+        use nic_firmware::profile::{Forest, Node, SCORE_ONE};
+        let leaf = |c: Class| {
+            let mut scores = [0; Class::COUNT];
+            scores[c as usize] = SCORE_ONE;
+            Node::Leaf { scores }
+        };
+        ClassifierTables::compile(&Forest {
+            packets,
+            trees: vec![vec![
+                Node::Split {
+                    feature: 2,
+                    threshold: 80,
+                    left: 1,
+                    right: 2,
+                },
+                leaf(Class::Web),
+                leaf(Class::Bulk),
+            ]],
+        })
+        .unwrap()
+    }
+
+    /// Make the payload CRC, the header CRC and the signature right again.
+    fn reseal_all(img: &[u8]) -> Vec<u8> {
+        let view = ImageView::parse(img).unwrap();
+        let mut b = view.signed.to_vec();
+        let crc = crc32c::crc32c(&b[HEADER_LEN..]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut b);
+        sign(&b, &dev_signing_key()).unwrap()
+    }
+
+    #[test]
+    fn classifier_tables_ride_in_the_image_and_corrupt_ones_are_named() {
+        let config = PipelineConfig::default();
+        let tables = port_tables(config.feature_packets);
+        let img = sign(
+            &build_with(&config, 5, Some(&tables)).unwrap(),
+            &dev_signing_key(),
+        )
+        .unwrap();
+        let key = dev_verifying_key();
+        let info = verify(&img, Some(&key)).unwrap();
+        assert_eq!(info.classifier, Some(tables.sizes()));
+        assert_eq!((info.format_major, info.format_minor), (1, 1));
+        let back = classifier_tables(&img).unwrap().unwrap();
+        assert_eq!(back.to_bytes(), tables.to_bytes());
+        assert_eq!(verify(&image(), Some(&key)).unwrap().classifier, None);
+        assert!(classifier_tables(&image()).unwrap().is_none());
+        // Tables for another N are refused when building and when flashing.
+        let e = build_with(&config, 5, Some(&port_tables(4))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "`classifier.packets`: the classifier's N differs from feature_packets"
+        );
+        let tables_at = img.len() - 80 - tables.to_bytes().len();
+        let mut b = img.clone();
+        b[tables_at + 6] = 4;
+        let e = verify(&reseal_all(&b), Some(&key)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image configuration out of range: `classifier.packets`"
+        );
+        // Damaged tables with every CRC and the signature made right: named, with where.
+        let mut b = img.clone();
+        b[tables_at] = b'X';
+        assert_eq!(
+            verify(&reseal_all(&b), Some(&key)).unwrap_err(),
+            ImageError::BadClassifier {
+                offset: tables_at as u32
+            }
+        );
+        let mut b = img.clone();
+        b[tables_at + 12..tables_at + 16].copy_from_slice(&999u32.to_le_bytes());
+        let e = verify(&reseal_all(&b), Some(&key)).unwrap_err();
+        assert!(matches!(e, ImageError::BadClassifier { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("corrupt classifier tables in the image")
+        );
+        // A classifier length past the payload is a layout error.
+        let mut b = img.clone();
+        b[HEADER_LEN + 98..HEADER_LEN + 102].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            verify(&reseal_all_raw(&b), Some(&key)).unwrap_err(),
+            ImageError::BadLayout {
+                offset: (HEADER_LEN + 98) as u32
+            }
+        );
+    }
+
+    /// [`reseal_all`] for an image whose structure no longer parses.
+    fn reseal_all_raw(img: &[u8]) -> Vec<u8> {
+        let mut b = img[..img.len() - 80].to_vec();
+        let crc = crc32c::crc32c(&b[HEADER_LEN..]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut b);
+        b
     }
 
     #[test]

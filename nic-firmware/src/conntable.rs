@@ -39,6 +39,9 @@ pub mod flag {
     pub const FIN_B: u8 = 1 << 3;
     pub const RST: u8 = 1 << 4;
     pub const SYN: u8 = 1 << 5;
+    /// The host pinned the flow to its node: flowlet boundaries do not move it; only
+    /// its node failing does (which also ends the pin).
+    pub const PINNED: u8 = 1 << 6;
 }
 
 /// One tracked flow: key, steering state, flowlet state and counters in 64 bytes.
@@ -112,7 +115,9 @@ impl FlowEntry {
 }
 
 /// A flow's endpoints in canonical order: both directions of a flow give one key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// Ordered so the pipeline's small side maps (pending handoffs) can be `BTreeMap`s,
+/// which `no_std` + `alloc` has and a hash map does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
     pub addr_a: [u8; 16],
     pub addr_b: [u8; 16],

@@ -17,9 +17,12 @@
 //!   are remapped on their next packet — only they;
 //! - a flow of a class whose policy has a shard group of k > 1 moves to the next
 //!   member of its group only when an idle gap longer than the flowlet gap δ ends a
-//!   flowlet, so no flowlet is ever split across nodes and reordered.
+//!   flowlet, so no flowlet is ever split across nodes and reordered;
+//! - the host moves an established flow only after handing its state to the new node:
+//!   [`Pipeline::hand_off`] moves it at its next flowlet boundary (so packets in flight
+//!   to the old node are not overtaken), [`Pipeline::pin_flow`] at once.
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -152,6 +155,19 @@ pub struct Counters {
     pub class_pushes: u64,
     /// Pushed class assignments whose flow had already ended.
     pub class_pushes_missed: u64,
+    /// Flows moved to their handoff target at a flowlet boundary (or at once, when
+    /// their node failed while the handoff was pending).
+    pub flows_handed_off: u64,
+    /// Handoffs refused: no such flow, or no such node.
+    pub handoffs_refused: u64,
+    /// Pending handoffs dropped because their target was not active at the boundary.
+    pub handoffs_dropped: u64,
+    /// Pending handoffs dropped because their flow ended first.
+    pub handoffs_ended: u64,
+    /// Flows the host pinned (moved at once when pinned to another node).
+    pub flows_pinned: u64,
+    /// Pins refused: no such flow, or a node that is not active.
+    pub pins_refused: u64,
 }
 
 impl Counters {
@@ -188,6 +204,11 @@ pub struct Pipeline {
     node_weight: Vec<u32>,
     fallback: Vec<u16>,
     class_group: [u8; Class::COUNT],
+    /// Flows the host handed off, with their target node, until their next flowlet
+    /// boundary. Every key is a live flow (a flow's end removes it), so this never
+    /// holds more than the connection table does; usually it is empty, and the fast
+    /// path only looks at it when it is not.
+    handoffs: BTreeMap<FlowKey, u16>,
     classifier: Option<ClassifierTables>,
     /// The classifier's leaf-set registers.
     classifier_scratch: Vec<u64>,
@@ -321,6 +342,7 @@ impl Pipeline {
             node_weight,
             fallback: Vec::new(),
             class_group,
+            handoffs: BTreeMap::new(),
             classifier: None,
             classifier_scratch: Vec::new(),
             config: config.clone(),
@@ -508,6 +530,118 @@ impl Pipeline {
         let old = core::mem::replace(&mut e.class, class as u8);
         self.counters.class_pushes += 1;
         Self::recount_class(&mut self.counters, old, class as u8);
+        true
+    }
+
+    /// The slot of a live flow.
+    fn flow_slot(&self, key: &FlowKey) -> Option<u32> {
+        self.table.find(key, &self.table.probe(key))
+    }
+
+    fn node_defined(&self, node: u16) -> bool {
+        matches!(self.node_state.get(node as usize), Some(Some(_)))
+    }
+
+    /// Schedule a live flow (either direction's tuple) to move to `node` at its next
+    /// flowlet boundary — the first packet after an idle gap longer than
+    /// `flowlet_gap_us` — keeping its shard. The host calls this after handing the
+    /// flow's state from its old node to `node`; waiting for the boundary means no
+    /// packet reaches `node` while earlier ones may still be in flight to the old node.
+    ///
+    /// If `node` is not active when the boundary comes, the move is dropped (counted)
+    /// and the flow stays. If the flow's own node fails first, the flow moves to
+    /// `node` on its next packet instead of being remapped elsewhere, as `node` holds
+    /// its state. A later call replaces an earlier one; naming the flow's current node
+    /// cancels it. Returns false, counted, if the flow is not tracked or `node` is not
+    /// a node of the image.
+    pub fn hand_off(&mut self, tuple: &FlowTuple, node: u16) -> bool {
+        let (key, _) = FlowKey::from_tuple(tuple);
+        let current = self
+            .flow_slot(&key)
+            .and_then(|slot| self.table.entry(slot))
+            .map(|e| e.node);
+        match current {
+            Some(on) if self.node_defined(node) => {
+                if on == node {
+                    self.handoffs.remove(&key);
+                } else {
+                    self.handoffs.insert(key, node);
+                }
+                true
+            }
+            _ => {
+                self.counters.handoffs_refused += 1;
+                false
+            }
+        }
+    }
+
+    /// Drop a flow's pending handoff; true if it had one.
+    pub fn cancel_hand_off(&mut self, tuple: &FlowTuple) -> bool {
+        self.handoffs
+            .remove(&FlowKey::from_tuple(tuple).0)
+            .is_some()
+    }
+
+    /// Handoffs waiting for their flow's next flowlet boundary.
+    pub fn pending_hand_offs(&self) -> usize {
+        self.handoffs.len()
+    }
+
+    /// Move a live flow to `node` now and keep it there: flowlet sharding no longer
+    /// moves it, only `node` failing does. Any pending handoff is cancelled. For a flow
+    /// whose state the host has already moved and whose in-flight packets it does not
+    /// need to protect (otherwise [`Pipeline::hand_off`]). Returns false, counted, if
+    /// the flow is not tracked or `node` is not active.
+    pub fn pin_flow(&mut self, tuple: &FlowTuple, node: u16) -> bool {
+        let (key, _) = FlowKey::from_tuple(tuple);
+        let slot = self.flow_slot(&key);
+        let entry = slot.and_then(|s| self.table.entry(s)).copied();
+        let (Some(slot), Some(mut e), true) = (slot, entry, self.node_active(node)) else {
+            self.counters.pins_refused += 1;
+            return false;
+        };
+        if e.node != node {
+            let shard = e.shard;
+            self.move_flow(&mut e, shard, node);
+        }
+        e.flags |= flag::PINNED;
+        if let Some(live) = self.table.entry_mut(slot) {
+            *live = e;
+        }
+        self.handoffs.remove(&key);
+        self.counters.flows_pinned += 1;
+        true
+    }
+
+    /// Release a pinned flow: it stays on its node, and flowlet sharding applies to it
+    /// again. Returns false if the flow is not tracked.
+    pub fn unpin_flow(&mut self, tuple: &FlowTuple) -> bool {
+        let (key, _) = FlowKey::from_tuple(tuple);
+        let found = self
+            .flow_slot(&key)
+            .and_then(|slot| self.table.entry_mut(slot));
+        match found {
+            Some(e) => {
+                e.flags &= !flag::PINNED;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Carry out `key`'s pending handoff, if any, on `e`; true if the flow moved.
+    fn take_hand_off(&mut self, key: &FlowKey, e: &mut FlowEntry) -> bool {
+        let Some(node) = self.handoffs.remove(key) else {
+            return false;
+        };
+        if !self.node_active(node) {
+            self.counters.handoffs_dropped += 1;
+            return false;
+        }
+        let shard = e.shard;
+        self.move_flow(e, shard, node);
+        self.counters.flows_handed_off += 1;
         true
     }
 
@@ -768,14 +902,21 @@ impl Pipeline {
                 e.flowlet = e.flowlet.wrapping_add(1);
             }
             if !self.node_up(e.node) {
-                // Only a failed node's flows are remapped, and only on their own packets.
-                let shard = self.bucket_shard[bucket as usize];
-                let Some(node) = self.node_for_new(shard, rss) else {
-                    return Decision::dropped(Verdict::NoNode, rss, bucket);
-                };
-                self.move_flow(&mut e, shard, node);
-                self.counters.flows_remapped += 1;
-            } else if new_flowlet {
+                // Only a failed node's flows are remapped, and only on their own packets;
+                // one being handed off goes where its state already is.
+                if self.handoffs.is_empty() || !self.take_hand_off(&w.key, &mut e) {
+                    let shard = self.bucket_shard[bucket as usize];
+                    let Some(node) = self.node_for_new(shard, rss) else {
+                        return Decision::dropped(Verdict::NoNode, rss, bucket);
+                    };
+                    self.move_flow(&mut e, shard, node);
+                    e.flags &= !flag::PINNED;
+                    self.counters.flows_remapped += 1;
+                }
+            } else if new_flowlet
+                && (self.handoffs.is_empty() || !self.take_hand_off(&w.key, &mut e))
+                && e.flags & flag::PINNED == 0
+            {
                 let k = self.group_of(e.class);
                 if k > 1 {
                     self.next_group_member(&mut e, k, rss);
@@ -975,6 +1116,9 @@ impl Pipeline {
     }
 
     fn end_flow(&mut self, e: &FlowEntry, reason: EndReason) {
+        if !self.handoffs.is_empty() && self.handoffs.remove(&e.key()).is_some() {
+            self.counters.handoffs_ended += 1;
+        }
         self.export(e, RecordKind::End, reason);
         if e.feature_slot != 0 {
             self.free_stages.push(e.feature_slot - 1);
@@ -1459,6 +1603,239 @@ mod tests {
         assert_eq!(p.counters().class_pushes_missed, 1);
         let end: StdVec<_> = p.drain_records().collect();
         assert!(end.iter().any(|r| r.class == Class::Realtime as u8));
+    }
+
+    /// The wire tuple of client `c`'s packets (or of the replies).
+    fn tuple(c: u32, reply: bool) -> FlowTuple {
+        let frame = tcp(c, reply, 0, 0);
+        parse(LinkType::Ethernet, &frame, frame.len() as u32)
+            .unwrap()
+            .tuple
+    }
+
+    fn other_node(node: u16) -> u16 {
+        (node + 1) % 4
+    }
+
+    #[test]
+    fn a_handed_off_flow_moves_at_its_next_flowlet_boundary_and_never_before() {
+        let cfg = small();
+        let gap_ns = u64::from(cfg.flowlet_gap_us) * 1_000;
+        let mut p = Pipeline::new(&cfg).unwrap();
+        let bystanders: StdVec<u16> = (100..140)
+            .map(|c| send(&mut p, 0, &tcp(c, false, TCP_SYN, 0)).node)
+            .collect();
+        let first = send(&mut p, 0, &tcp(1, false, TCP_SYN, 0));
+        let (old, target) = (first.node, other_node(first.node));
+        let before = p.counters().nodes.clone();
+        assert!(
+            p.hand_off(&tuple(1, true), target),
+            "either direction names the flow"
+        );
+        assert_eq!(p.pending_hand_offs(), 1);
+        // Inside the flowlet, up to a gap of exactly δ: still the old node.
+        let mut t = 0;
+        for step in [10_000, 100_000, gap_ns] {
+            t += step;
+            let d = send(&mut p, t, &tcp(1, step == gap_ns, 0, 10));
+            assert_eq!(
+                (d.node, d.flowlet),
+                (old, 0),
+                "moved {step} ns into the flowlet"
+            );
+        }
+        assert_eq!(p.counters().flows_handed_off, 0);
+        t += gap_ns + 1_000;
+        let d = send(&mut p, t, &tcp(1, false, 0, 10));
+        assert_eq!((d.node, d.shard, d.flowlet), (target, first.shard, 1));
+        let c = p.counters();
+        assert_eq!(c.flows_handed_off, 1);
+        assert_eq!(p.pending_hand_offs(), 0);
+        assert_eq!(
+            c.nodes[old as usize].active_flows,
+            before[old as usize].active_flows - 1
+        );
+        assert_eq!(
+            c.nodes[target as usize].active_flows,
+            before[target as usize].active_flows + 1
+        );
+        assert_eq!(
+            c.nodes[target as usize].flows,
+            before[target as usize].flows + 1
+        );
+        // It stays there, flowlet after flowlet.
+        for _ in 0..3 {
+            t += gap_ns + 1_000;
+            assert_eq!(send(&mut p, t, &tcp(1, true, 0, 10)).node, target);
+        }
+        for (i, c) in (100..140).enumerate() {
+            assert_eq!(send(&mut p, t, &tcp(c, true, 0, 1)).node, bystanders[i]);
+        }
+        // An absent flow and an undefined node are refused and counted.
+        assert!(!p.hand_off(&tuple(77, false), 0));
+        assert!(!p.hand_off(&tuple(1, false), 9));
+        assert_eq!(p.counters().handoffs_refused, 2);
+        assert_eq!(p.pending_hand_offs(), 0);
+        // Naming the current node, or cancelling, leaves nothing pending.
+        assert!(p.hand_off(&tuple(1, false), old));
+        assert!(p.hand_off(&tuple(1, false), target));
+        assert_eq!(p.pending_hand_offs(), 0);
+        assert!(p.hand_off(&tuple(1, false), old));
+        assert!(p.cancel_hand_off(&tuple(1, true)));
+        assert!(!p.cancel_hand_off(&tuple(1, true)));
+        t += gap_ns + 1_000;
+        assert_eq!(send(&mut p, t, &tcp(1, false, 0, 10)).node, target);
+        assert_eq!(p.counters().flows_handed_off, 1);
+    }
+
+    #[test]
+    fn handoffs_to_inactive_nodes_or_of_ended_flows_are_dropped_and_a_failed_node_hands_off_at_once()
+     {
+        let cfg = small();
+        let gap_ns = u64::from(cfg.flowlet_gap_us) * 1_000;
+        let mut p = Pipeline::new(&cfg).unwrap();
+        let a = send(&mut p, 0, &tcp(1, false, TCP_SYN, 0));
+        let target = other_node(a.node);
+        assert!(p.hand_off(&tuple(1, false), target));
+        p.set_node_state(target, NodeState::Draining).unwrap();
+        let d = send(&mut p, gap_ns + 1_000, &tcp(1, false, 0, 10));
+        assert_eq!(d.node, a.node, "a draining target takes no flow");
+        assert_eq!(p.counters().handoffs_dropped, 1);
+        assert_eq!(p.pending_hand_offs(), 0);
+        p.set_node_state(target, NodeState::Active).unwrap();
+
+        // The flow's own node fails with a handoff pending: it goes to the target on
+        // its next packet, not to wherever a remap would send it.
+        assert!(p.hand_off(&tuple(1, false), target));
+        p.set_node_state(a.node, NodeState::Down).unwrap();
+        let d = send(&mut p, gap_ns + 2_000, &tcp(1, true, 0, 10));
+        assert_eq!((d.node, d.flowlet), (target, 1));
+        assert_eq!(p.counters().flows_handed_off, 1);
+        assert_eq!(p.counters().flows_remapped, 0);
+        p.set_node_state(a.node, NodeState::Active).unwrap();
+
+        let b = send(&mut p, gap_ns + 3_000, &tcp(2, false, TCP_SYN, 0));
+        assert!(p.hand_off(&tuple(2, false), other_node(b.node)));
+        p.flush();
+        assert_eq!(p.counters().handoffs_ended, 1);
+        assert_eq!(p.pending_hand_offs(), 0);
+        assert!(!p.hand_off(&tuple(2, false), other_node(b.node)));
+    }
+
+    #[test]
+    fn pinned_flows_move_at_once_and_stay_through_flowlets_until_unpinned() {
+        let mut cfg = small();
+        cfg.class_policies.push(ClassPolicy {
+            class: Class::Bulk,
+            group: 4,
+        });
+        cfg.port_rules.push(PortRule {
+            proto: 6,
+            ports: [80, 80],
+            class: Class::Bulk,
+        });
+        let gap_ns = u64::from(cfg.flowlet_gap_us) * 1_000 + 1_000;
+        let mut p = Pipeline::new(&cfg).unwrap();
+        let a = send(&mut p, 0, &tcp(7, false, TCP_SYN, 0));
+        let node = other_node(a.node);
+        assert!(p.hand_off(&tuple(7, false), a.node ^ 2));
+        assert!(p.pin_flow(&tuple(7, true), node));
+        assert_eq!(p.pending_hand_offs(), 0, "a pin cancels a pending handoff");
+        let d = send(&mut p, 10_000, &tcp(7, false, 0, 10));
+        assert_eq!(
+            (d.node, d.shard),
+            (node, a.shard),
+            "moved at once, shard kept"
+        );
+        let moves = p.counters().flowlet_moves;
+        let mut t = 10_000;
+        for flowlet in 1..6 {
+            t += gap_ns;
+            let d = send(&mut p, t, &tcp(7, false, 0, 10));
+            assert_eq!((d.node, d.shard, d.flowlet), (node, a.shard, flowlet));
+        }
+        assert_eq!(
+            p.counters().flowlet_moves,
+            moves,
+            "sharding leaves a pinned flow"
+        );
+        assert_eq!(p.counters().flows_pinned, 1);
+        assert!(p.unpin_flow(&tuple(7, false)));
+        t += gap_ns;
+        assert_ne!(send(&mut p, t, &tcp(7, false, 0, 10)).shard, a.shard);
+        assert_eq!(p.counters().flowlet_moves, moves + 1);
+        // Refused: an absent flow, an undefined node, a node that is not active.
+        assert!(!p.pin_flow(&tuple(8, false), node));
+        assert!(!p.pin_flow(&tuple(7, false), 9));
+        p.set_node_state(node, NodeState::Draining).unwrap();
+        assert!(!p.pin_flow(&tuple(7, false), node));
+        assert!(!p.unpin_flow(&tuple(8, false)));
+        assert_eq!(p.counters().pins_refused, 3);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Packet by packet against a model: a flow moves only to its handoff target,
+        /// only on the first packet after a gap longer than δ, only if the target is
+        /// active then; no other flow ever changes node; refusals are exactly those of
+        /// absent flows and undefined nodes.
+        #[test]
+        fn handoffs_move_only_their_flow_and_only_at_a_boundary(
+            events in proptest::collection::vec(
+                // Mostly short steps, so flows see both gaps inside δ and gaps past it.
+                (0u8..10, 0u32..24, any::<bool>(), prop_oneof![4 => 0u64..20_000, 1 => 0u64..1_200_000], 0u16..6),
+                1..500,
+            ),
+        ) {
+            let cfg = small();
+            let gap_us = u64::from(cfg.flowlet_gap_us);
+            let mut p = Pipeline::new(&cfg).unwrap();
+            let mut t = 0u64;
+            // flow → (node, last packet µs, pending target)
+            let mut model: std::collections::BTreeMap<u32, (u16, u64, Option<u16>)> =
+                std::collections::BTreeMap::new();
+            let mut active = [true; 4];
+            let (mut moved, mut refused) = (0u64, 0u64);
+            for (kind, c, reply, dt, node) in events {
+                t += dt;
+                match kind {
+                    0..=1 => {
+                        let ok = p.hand_off(&tuple(c, reply), node);
+                        let want = match model.get_mut(&c) {
+                            Some(f) if node < 4 => {
+                                f.2 = (node != f.0).then_some(node);
+                                true
+                            }
+                            _ => false,
+                        };
+                        refused += u64::from(!want);
+                        prop_assert_eq!(ok, want);
+                    }
+                    // Node 0 stays active, so new flows always find a node.
+                    2 if (1..4).contains(&node) => {
+                        active[node as usize] = !active[node as usize];
+                        let state = if active[node as usize] { NodeState::Active } else { NodeState::Draining };
+                        p.set_node_state(node, state).unwrap();
+                    }
+                    _ => {
+                        let d = send(&mut p, t, &tcp(c, reply, 0, 0));
+                        prop_assert_eq!(d.verdict, Verdict::Forward);
+                        let now_us = t / 1_000;
+                        let f = model.entry(c).or_insert((d.node, now_us, None));
+                        if now_us - f.1 > gap_us && let Some(target) = f.2.take() && active[target as usize] {
+                            f.0 = target;
+                            moved += 1;
+                        }
+                        f.1 = now_us;
+                        prop_assert_eq!(d.node, f.0, "flow {}", c);
+                    }
+                }
+            }
+            let pending = model.values().filter(|f| f.2.is_some()).count();
+            prop_assert_eq!(p.pending_hand_offs(), pending);
+            prop_assert_eq!(p.counters().flows_handed_off, moved);
+            prop_assert_eq!(p.counters().handoffs_refused, refused);
+        }
     }
 
     proptest! {

@@ -500,6 +500,283 @@ impl ClassifierTables {
     }
 }
 
+/// Magic of serialized [`ClassifierTables`].
+pub const TABLES_MAGIC: [u8; 4] = *b"FSCT";
+/// Layout version of serialized [`ClassifierTables`].
+pub const TABLES_VERSION: u16 = 1;
+
+/// Why bytes are not serialized [`ClassifierTables`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TablesFormatError {
+    /// Byte offset of the problem.
+    pub offset: usize,
+    pub why: &'static str,
+}
+
+impl core::fmt::Display for TablesFormatError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "classifier tables: {} at byte {}", self.why, self.offset)
+    }
+}
+
+/// Little-endian reader over serialized tables that fails instead of reading past
+/// the end, so no count or length in the bytes can make the NIC read out of bounds.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn fail<T>(&self, why: &'static str) -> Result<T, TablesFormatError> {
+        Err(TablesFormatError {
+            offset: self.at,
+            why,
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], TablesFormatError> {
+        match self
+            .at
+            .checked_add(n)
+            .and_then(|end| self.b.get(self.at..end))
+        {
+            Some(s) => {
+                self.at += n;
+                Ok(s)
+            }
+            None => self.fail("truncated"),
+        }
+    }
+
+    fn u16(&mut self) -> Result<u16, TablesFormatError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, TablesFormatError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    /// A count of items of `item_len` bytes each that must still fit in the input, so
+    /// a corrupt count cannot make the reader allocate more than the input's size.
+    fn count(&mut self, item_len: usize) -> Result<usize, TablesFormatError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(item_len) > self.b.len() - self.at {
+            return self.fail("count larger than the bytes that follow");
+        }
+        Ok(n)
+    }
+}
+
+/// The wire form of [`ClassifierTables`]: how the host hands compiled tables to the NIC
+/// (in an image's classifier section or by the command ring's `LoadClassifier`), so the
+/// NIC loads tables rather than running a compiler. Little-endian:
+///
+/// ```text
+/// header:  magic "FSCT" | version u16 = 1 | N u8 | 0 u8 | trees u32 | ranges u32
+///          | vector words u32 | leaves u32 | leaf vectors u32 (statistic) | 0 u32
+/// trees:   per tree: first leaf u32 | leaf-set words u16 | 0 u16
+/// ranges:  per feature table: feature u16 | users u16 | points u32 | points × u32
+///          | users × (tree u16 | 0 u16 | vector base u32) | (points+1) × users × u16
+///          | 0-padding to 4 bytes
+/// vectors: words × u64
+/// scores:  leaves × 7 × u16
+/// ```
+impl ClassifierTables {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.sizes.bytes + 64);
+        let put32 = |o: &mut Vec<u8>, v: u32| o.extend_from_slice(&v.to_le_bytes());
+        out.extend_from_slice(&TABLES_MAGIC);
+        out.extend_from_slice(&TABLES_VERSION.to_le_bytes());
+        out.extend_from_slice(&[self.packets, 0]);
+        for v in [
+            self.tree_words.len(),
+            self.ranges.len(),
+            self.vectors.len(),
+            self.scores.len(),
+            self.sizes.leaf_vectors,
+            0,
+        ] {
+            put32(&mut out, v as u32);
+        }
+        for (base, words) in self.tree_leaf_base.iter().zip(&self.tree_words) {
+            put32(&mut out, *base);
+            out.extend_from_slice(&words.to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+        }
+        for r in &self.ranges {
+            out.extend_from_slice(&(r.feature as u16).to_le_bytes());
+            out.extend_from_slice(&(r.users.len() as u16).to_le_bytes());
+            put32(&mut out, r.points.len() as u32);
+            r.points.iter().for_each(|p| put32(&mut out, *p));
+            for u in &r.users {
+                out.extend_from_slice(&u.tree.to_le_bytes());
+                out.extend_from_slice(&[0, 0]);
+                put32(&mut out, u.base);
+            }
+            r.codes
+                .iter()
+                .for_each(|c| out.extend_from_slice(&c.to_le_bytes()));
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        self.vectors
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        for s in &self.scores {
+            s.iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        out
+    }
+
+    /// Read tables written by [`ClassifierTables::to_bytes`], checking every count and
+    /// index against the tables themselves: whatever the bytes, the result classifies
+    /// without reading outside its tables.
+    pub fn from_bytes(b: &[u8]) -> Result<ClassifierTables, TablesFormatError> {
+        let mut r = Reader { b, at: 0 };
+        if r.take(4)? != TABLES_MAGIC {
+            return Err(TablesFormatError {
+                offset: 0,
+                why: "wrong magic (not classifier tables)",
+            });
+        }
+        if r.u16()? != TABLES_VERSION {
+            return r.fail("unsupported layout version");
+        }
+        let head = r.take(2)?;
+        let packets = head[0];
+        if packets == 0 || usize::from(packets) > MAX_FEATURE_PACKETS {
+            return r.fail("N outside 1..16");
+        }
+        if head[1] != 0 {
+            return r.fail("reserved byte not 0");
+        }
+        let trees = r.count(8)?;
+        let n_ranges = r.count(8)?;
+        let words = r.count(8)?;
+        let leaves = r.count(2 * Class::COUNT)?;
+        let leaf_vectors = r.u32()? as usize;
+        if r.u32()? != 0 {
+            return r.fail("reserved word not 0");
+        }
+        if trees == 0 || trees > MAX_TREES {
+            return r.fail("tree count outside 1..256");
+        }
+        if n_ranges > FEATURES {
+            return r.fail("more range tables than features");
+        }
+        let mut tree_leaf_base = Vec::with_capacity(trees);
+        let mut tree_words = Vec::with_capacity(trees);
+        for _ in 0..trees {
+            tree_leaf_base.push(r.u32()?);
+            tree_words.push(r.u16()?);
+            if r.u16()? != 0 {
+                return r.fail("reserved field not 0");
+            }
+        }
+        let mut sizes = TableSizes {
+            trees,
+            features_used: n_ranges,
+            leaf_vectors,
+            leaves,
+            ..TableSizes::default()
+        };
+        let mut ranges = Vec::with_capacity(n_ranges);
+        for _ in 0..n_ranges {
+            let feature = usize::from(r.u16()?);
+            let n_users = usize::from(r.u16()?);
+            if feature >= FEATURES || ranges.iter().any(|t: &RangeTable| t.feature == feature) {
+                return r.fail("range table of no feature, or of one feature twice");
+            }
+            let n_points = r.count(4)?;
+            if n_points == 0 || n_users == 0 {
+                return r.fail("empty range table");
+            }
+            let mut points = Vec::with_capacity(n_points);
+            for _ in 0..n_points {
+                let p = r.u32()?;
+                if points.last().is_some_and(|last| *last >= p) {
+                    return r.fail("range points not strictly ascending");
+                }
+                points.push(p);
+            }
+            let mut users = Vec::with_capacity(n_users);
+            for _ in 0..n_users {
+                let tree = r.u16()?;
+                if usize::from(tree) >= trees || r.u16()? != 0 {
+                    return r.fail("range user names no tree");
+                }
+                users.push(RangeUser {
+                    tree,
+                    base: r.u32()?,
+                });
+            }
+            let n_codes = (n_points + 1).saturating_mul(n_users);
+            if n_codes.saturating_mul(2) > b.len() - r.at {
+                return r.fail("truncated");
+            }
+            let mut codes = Vec::with_capacity(n_codes);
+            for i in 0..n_codes {
+                let code = r.u16()?;
+                let u = users[i % n_users];
+                let w = u64::from(tree_words[usize::from(u.tree)]);
+                if u64::from(u.base) + (u64::from(code) + 1) * w > words as u64 {
+                    return r.fail("range code points past the leaf vectors");
+                }
+                codes.push(code);
+            }
+            let pad = r.at.next_multiple_of(4) - r.at;
+            if r.take(pad)?.iter().any(|x| *x != 0) {
+                return r.fail("padding not 0");
+            }
+            sizes.range_entries += n_points + 1;
+            sizes.range_codes += n_codes;
+            sizes.bytes += n_points * 4 + n_codes * 2;
+            ranges.push(RangeTable {
+                feature,
+                points,
+                users,
+                codes,
+            });
+        }
+        let vectors: Vec<u64> = r
+            .take(words * 8)?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let mut scores = Vec::with_capacity(leaves);
+        for _ in 0..leaves {
+            let mut s = [0u16; Class::COUNT];
+            for v in &mut s {
+                *v = r.u16()?;
+            }
+            scores.push(s);
+        }
+        if r.at != b.len() {
+            return r.fail("bytes after the tables");
+        }
+        sizes.bytes += vectors.len() * 8 + scores.len() * Class::COUNT * 2;
+        let mut tree_offsets = Vec::with_capacity(trees + 1);
+        let mut at = 0;
+        for w in &tree_words {
+            tree_offsets.push(at);
+            at += usize::from(*w);
+        }
+        tree_offsets.push(at);
+        Ok(ClassifierTables {
+            packets,
+            ranges,
+            tree_leaf_base,
+            tree_words,
+            tree_offsets,
+            vectors,
+            scores,
+            sizes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,5 +1024,72 @@ mod tests {
                 prop_assert_eq!(t.classify(&x).0, walk(&forest, &x));
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Serialized tables read back byte-identical and classify alike; damaged ones
+        /// are refused or, if they still parse, classify without panicking.
+        #[test]
+        fn tables_round_trip_and_damage_never_panics(
+            trees in proptest::collection::vec(
+                proptest::collection::vec((0u16..40, 0u32..2000, any::<bool>(), 0u8..7), 1..40), 1..6),
+            points in proptest::collection::vec(proptest::collection::vec(0u32..1100, 5), 1..10),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let forest = Forest { packets: 8, trees: trees.iter().map(|c| random_tree(c)).collect() };
+            let t = ClassifierTables::compile(&forest).unwrap();
+            let bytes = t.to_bytes();
+            let back = ClassifierTables::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(back.to_bytes(), bytes.clone());
+            prop_assert_eq!(back.sizes(), t.sizes());
+            prop_assert_eq!(back.packets(), 8);
+            let mut damaged = bytes.clone();
+            for (at, x) in &flips {
+                damaged[at.index(bytes.len())] ^= x;
+            }
+            let damaged = ClassifierTables::from_bytes(&damaged).ok();
+            prop_assert!(ClassifierTables::from_bytes(&bytes[..cut.index(bytes.len())]).is_err());
+            for p in points {
+                let mut x = [0u32; FEATURES];
+                for (j, v) in p.iter().enumerate() {
+                    x[j * 7] = *v;
+                }
+                prop_assert_eq!(back.classify(&x), t.classify(&x));
+                if let Some(d) = &damaged {
+                    d.classify(&x);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn serialized_tables_name_what_is_wrong() {
+        let forest = Forest {
+            packets: 4,
+            trees: vec![vec![
+                split(2, 1023, 1, 2),
+                leaf(Class::Web),
+                leaf(Class::Bulk),
+            ]],
+        };
+        let bytes = ClassifierTables::compile(&forest).unwrap().to_bytes();
+        let err = |b: &[u8]| ClassifierTables::from_bytes(b).unwrap_err().to_string();
+        assert_eq!(
+            err(b"JUNKJUNK"),
+            "classifier tables: wrong magic (not classifier tables) at byte 0"
+        );
+        let mut b = bytes.clone();
+        b[4] = 2;
+        assert!(err(&b).contains("unsupported layout version"));
+        let mut b = bytes.clone();
+        b[6] = 0;
+        assert!(err(&b).contains("N outside 1..16"));
+        assert!(err(&bytes[..bytes.len() - 1]).contains("truncated"));
+        assert!(err(&[bytes.as_slice(), &[0]].concat()).contains("bytes after the tables"));
+        let mut b = bytes.clone();
+        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(err(&b).contains("count larger than the bytes that follow"));
     }
 }

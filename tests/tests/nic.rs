@@ -8,14 +8,14 @@ use std::sync::{Arc, Mutex};
 use flowshard::device::{Device, InProcess, VfioUser};
 use flowshard::driver::{Nic, NicError};
 use hdl_bindings::image::{HEADER_LEN, ImageError, config_key_id};
-use hdl_bindings::ring::{CmdDesc, Opcode, Scope, Status};
+use hdl_bindings::ring::{CmdDesc, FlowResult, Opcode, Scope, Status};
 use hdl_bindings::telemetry::{EndReason, RecordKind};
 use hw_sim::device::{DeviceOptions, NicDevice, TelemetryItem};
 use hw_sim::dma::EventFd;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
-use hw_sim::image::{build, dev_signing_key, sign};
+use hw_sim::image::{build, build_with, dev_signing_key, sign};
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{LinkType, PipelineConfig};
+use nic_firmware::{Class, FlowTuple, LinkType, PipelineConfig};
 
 /// A device model and a way to reach it.
 struct Rig {
@@ -504,5 +504,258 @@ fn telemetry_carries_feature_records_snapshots_and_counts_overflow() {
         assert_eq!(s.telemetry_ring.head, 4);
         assert_eq!(s.telemetry_ring.epoch_or_overflow, 16);
         assert_eq!(nic.poll_telemetry().unwrap().items.len(), 4);
+    });
+}
+
+/// The wire tuple of generated flow `f` (as `Rig::traffic` sends it).
+fn tuple_of(f: u32) -> FlowTuple {
+    let mut frame = [0u8; FRAME_LEN];
+    write_frame(f, &mut frame);
+    nic_firmware::parse::parse(LinkType::Ethernet, &frame, WIRE_LEN)
+        .unwrap()
+        .tuple
+}
+
+#[test]
+fn flow_handoffs_pins_and_classes_travel_the_ring_as_lists() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        nic.setup_commands(4).unwrap();
+        let first = rig.traffic(0..200, 1_000);
+        // Hand off the even flows to the next node; flow 9999 is not tracked.
+        let mut list: Vec<(FlowTuple, u16)> = (0..200)
+            .step_by(2)
+            .map(|f| (tuple_of(f), (first[f as usize].node + 1) % 4))
+            .collect();
+        list.push((tuple_of(9_999), 0));
+        let results = nic.hand_off_flows(&list).unwrap();
+        assert!(results[..100].iter().all(|r| *r == FlowResult::Applied));
+        assert_eq!(results[100], FlowResult::NoSuchFlow);
+        let pending = |rig: &Rig| {
+            let m = rig.model.lock().unwrap();
+            m.pipeline().unwrap().pending_hand_offs()
+        };
+        assert_eq!(pending(rig), 100);
+        // Inside the flowlet (100 µs later) nothing moves; after the gap, exactly the
+        // handed-off flows do.
+        for (d, before) in rig.traffic(0..200, 101_000).iter().zip(&first) {
+            assert_eq!(d.node, before.node);
+        }
+        for (f, (d, before)) in rig
+            .traffic(0..200, 1_000_000)
+            .iter()
+            .zip(&first)
+            .enumerate()
+        {
+            let want = if f % 2 == 0 {
+                (before.node + 1) % 4
+            } else {
+                before.node
+            };
+            assert_eq!(d.node, want, "flow {f}");
+        }
+        assert_eq!(pending(rig), 0);
+        // An undefined node refuses the whole list: nothing of it is scheduled.
+        let bad = [(tuple_of(1), 2), (tuple_of(3), 99)];
+        let e = nic.hand_off_flows(&bad).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NicError::Refused {
+                    status: Status::BadNode,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("flow handoff refused, nothing applied: a list entry names a node the image does not define"),
+            "{e}"
+        );
+        assert_eq!(pending(rig), 0);
+        // Pins move at once; classes reach flows and counters.
+        let node = (first[1].node + 2) % 4;
+        assert_eq!(
+            nic.pin_flows(&[(tuple_of(1).reversed(), node)]).unwrap(),
+            [FlowResult::Applied]
+        );
+        assert_eq!(rig.traffic(1..2, 1_000_100)[0].node, node);
+        let classes: Vec<(FlowTuple, Class)> =
+            (0..50).map(|f| (tuple_of(f), Class::Video)).collect();
+        let r = nic.push_flow_classes(&classes).unwrap();
+        assert!(r.iter().all(|r| *r == FlowResult::Applied));
+        {
+            let m = rig.model.lock().unwrap();
+            let c = m.pipeline().unwrap().counters();
+            assert_eq!(c.classes[Class::Video as usize].flows, 50);
+            assert_eq!(
+                (c.flows_handed_off, c.flows_pinned, c.class_pushes),
+                (100, 1, 50)
+            );
+        }
+        assert_eq!(nic.hand_off_flows(&[]).unwrap(), []);
+        let s = nic.status().unwrap();
+        assert_eq!(s.command_ring.errors, 1);
+    });
+}
+
+#[test]
+fn classifier_tables_load_and_clear_through_the_ring() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
+        nic.setup_commands(4).unwrap();
+        let tables = flowshard::profiler::nic_tables(None).unwrap();
+        assert_eq!(tables.packets(), PipelineConfig::default().feature_packets);
+        nic.load_classifier(Some(&tables)).unwrap();
+        {
+            let m = rig.model.lock().unwrap();
+            let loaded = m.pipeline().unwrap().classifier().unwrap();
+            assert_eq!(loaded.to_bytes(), tables.to_bytes());
+        }
+        for i in 0..8 {
+            rig.traffic(0..10, 1_000 + i * 1_000);
+        }
+        let on_nic = rig
+            .model
+            .lock()
+            .unwrap()
+            .pipeline()
+            .unwrap()
+            .counters()
+            .flows_classified_on_nic;
+        assert_eq!(on_nic, 10, "every flow classified on the NIC at packet N");
+        // Tables for another N are refused; the loaded ones stay.
+        let other = nic_firmware::profile::ClassifierTables::from_bytes(&{
+            let mut b = tables.to_bytes();
+            b[6] = 4;
+            b
+        })
+        .unwrap();
+        let e = nic.load_classifier(Some(&other)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NicError::Refused {
+                    status: Status::BadClassifier,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            rig.model
+                .lock()
+                .unwrap()
+                .pipeline()
+                .unwrap()
+                .classifier()
+                .is_some()
+        );
+        nic.load_classifier(None).unwrap();
+        assert!(
+            rig.model
+                .lock()
+                .unwrap()
+                .pipeline()
+                .unwrap()
+                .classifier()
+                .is_none()
+        );
+    });
+}
+
+#[test]
+fn an_image_carries_classifier_tables_and_a_corrupt_section_changes_nothing() {
+    each_transport(DeviceOptions::default(), |rig| {
+        let mut nic = rig.open();
+        let config = PipelineConfig::default();
+        let tables = flowshard::profiler::nic_tables(None).unwrap();
+        let with = sign(
+            &build_with(&config, 2, Some(&tables)).unwrap(),
+            &dev_signing_key(),
+        )
+        .unwrap();
+        let report = nic.flash(&with, 64 << 10, &mut |_, _| true).unwrap();
+        assert_eq!(report.image_version, 2);
+        {
+            let m = rig.model.lock().unwrap();
+            let loaded = m.pipeline().unwrap().classifier().unwrap();
+            assert_eq!(
+                loaded.to_bytes(),
+                tables.to_bytes(),
+                "booted with the image's tables"
+            );
+        }
+        for i in 0..8 {
+            rig.traffic(0..5, 1_000 + i * 1_000);
+        }
+        let on_nic = |rig: &Rig| {
+            let m = rig.model.lock().unwrap();
+            m.pipeline().unwrap().counters().flows_classified_on_nic
+        };
+        assert_eq!(on_nic(rig), 5);
+        let before = nic.status().unwrap();
+        // Damage the tables' header, then make both CRCs and the signature right: only
+        // the device's check of the tables can refuse it.
+        let unsigned = build_with(&config, 3, Some(&tables)).unwrap();
+        let tables_at = unsigned.len() - tables.to_bytes().len();
+        for (at, value, what) in [(tables_at, b'Z', "magic"), (tables_at + 6, 4, "N")] {
+            let mut b = unsigned.clone();
+            b[at] = value;
+            let crc = crc32c(&b[HEADER_LEN..]);
+            b[20..24].copy_from_slice(&crc.to_le_bytes());
+            let crc = crc32c(&b[..60]);
+            b[60..64].copy_from_slice(&crc.to_le_bytes());
+            let bad = sign(&b, &dev_signing_key()).unwrap();
+            let err = rejected(nic.flash(&bad, 64 << 10, &mut |_, _| true));
+            match what {
+                "magic" => assert_eq!(
+                    err,
+                    ImageError::BadClassifier {
+                        offset: tables_at as u32
+                    }
+                ),
+                _ => assert_eq!(
+                    err.to_string(),
+                    "image configuration out of range: `classifier.packets`"
+                ),
+            }
+            let after = nic.status().unwrap();
+            assert_eq!(
+                (after.image_version, after.slot, after.pending, after.resets),
+                (
+                    before.image_version,
+                    before.slot,
+                    before.pending,
+                    before.resets
+                ),
+                "{what}: the device changed"
+            );
+            assert!(
+                rig.model
+                    .lock()
+                    .unwrap()
+                    .pipeline()
+                    .unwrap()
+                    .classifier()
+                    .is_some()
+            );
+        }
+        // The message a user sees names the problem and says nothing changed.
+        let e = NicError::Rejected {
+            device: "x".into(),
+            error: ImageError::BadClassifier {
+                offset: tables_at as u32,
+            },
+        }
+        .to_string();
+        assert!(
+            e.contains("corrupt classifier tables in the image")
+                && e.contains("active image untouched"),
+            "{e}"
+        );
     });
 }
