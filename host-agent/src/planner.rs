@@ -54,6 +54,8 @@ impl Policy {
 pub struct PlannerConfig {
     /// Utilisation the node count is planned for (HPA's target).
     pub target_utilisation: f64,
+    /// Utilisation the predictive policy plans a forecast's upper bound for.
+    pub forecast_utilisation: f64,
     /// Measured utilisation of a node above which shards move off it at once, and
     /// above which the predictive policy falls back on the reactive rule.
     pub high_utilisation: f64,
@@ -80,6 +82,7 @@ impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             target_utilisation: 0.7,
+            forecast_utilisation: 0.85,
             high_utilisation: 0.9,
             tolerance: 0.1,
             scale_down_window: 3,
@@ -105,6 +108,7 @@ impl PlannerConfig {
         };
         unit("target_utilisation", self.target_utilisation)?;
         unit("high_utilisation", self.high_utilisation)?;
+        unit("forecast_utilisation", self.forecast_utilisation)?;
         unit("group_share", self.group_share)?;
         if !(0.0..1.0).contains(&self.tolerance) {
             return Err(format!(
@@ -203,7 +207,8 @@ pub struct Actions {
     pub moves: Vec<ShardMove>,
     /// Classes whose group size changed, with the new size.
     pub groups: Vec<(Class, u8)>,
-    /// Draining nodes whose long-lived flows are worth handing off now.
+    /// Nodes whose long-lived flows are worth handing off now: draining ones, and
+    /// those above the high mark (their flows follow their shards' new nodes).
     pub hand_off_from: Vec<u16>,
     /// Why anything changed, for the log.
     pub reasons: Vec<String>,
@@ -294,6 +299,13 @@ impl Planner {
                 .collect()
         };
         let load: f64 = input.nodes.iter().map(|n| n.load).sum();
+        // The load a node is about to carry: measured, scaled by the growth the
+        // forecast expects by the next tick (predictive only; never scaled down).
+        let growth = match (self.policy, input.total_upper.first()) {
+            (Policy::Predictive, Some(next)) if load > 0.0 => (next / load).max(1.0),
+            _ => 1.0,
+        };
+        let expected = |id: usize| load_of(id) * growth;
         let node_cap = {
             let caps: Vec<f64> = (0..next.len()).map(cap).filter(|c| *c > 0.0).collect();
             caps.iter().sum::<f64>() / caps.len().max(1) as f64
@@ -320,37 +332,34 @@ impl Planner {
             let hot = active
                 .iter()
                 .any(|&i| load_of(i) > self.cfg.high_utilisation * cap(i));
-            let need = |l: f64| (l / (t * node_cap)).ceil() as usize;
+            // The forecast's upper bound already holds the growth a measured load's
+            // headroom is for, so it is planned to a higher utilisation.
+            let f = self.cfg.forecast_utilisation;
+            let need = |l: f64| (l / (f * node_cap)).ceil() as usize;
             let (up, hold) = match self.policy {
                 Policy::Predictive if !input.total_upper.is_empty() => {
                     let w = self.warmup_ticks as usize;
                     let at = |i: usize| input.total_upper[i.min(input.total_upper.len() - 1)];
                     // Nodes started now serve from tick w on: plan for ticks w and w + 1.
                     let ahead = need(at(w).max(at(w + 1)));
-                    // The safety net: what the measured load needs if a node runs hot,
-                    // or whenever the forecast is below the measurement.
-                    let up = if hot || reactive > ahead {
-                        ahead.max(reactive)
-                    } else {
-                        ahead
-                    };
+                    // The safety net: the reactive rule when a node runs hot anyway.
+                    let up = if hot { ahead.max(reactive) } else { ahead };
                     // Keep a node that is needed again before a new one could warm up.
                     let hold = (0..=w + 1).map(|i| need(at(i))).max().unwrap_or(0);
                     (up, hold.max(need(load)))
                 }
-                _ => {
-                    self.desired.push_back(reactive);
-                    while self.desired.len() > self.cfg.scale_down_window.max(1) {
-                        self.desired.pop_front();
-                    }
-                    // No scale-down before the window has filled with lower counts.
-                    let hold = if self.desired.len() < self.cfg.scale_down_window {
-                        active.len()
-                    } else {
-                        self.desired.iter().copied().max().unwrap_or(reactive)
-                    };
-                    (reactive, hold)
-                }
+                _ => (reactive, reactive),
+            };
+            // Against flapping, both policies scale down only to the highest count
+            // wanted over the stabilisation window, and not before it has filled.
+            self.desired.push_back(hold);
+            while self.desired.len() > self.cfg.scale_down_window.max(1) {
+                self.desired.pop_front();
+            }
+            let hold = if self.desired.len() < self.cfg.scale_down_window {
+                active.len()
+            } else {
+                self.desired.iter().copied().max().unwrap_or(hold)
             };
             let max_on = self
                 .cfg
@@ -413,7 +422,7 @@ impl Planner {
         if self.policy != Policy::Static && !targets.is_empty() {
             let hot = targets
                 .iter()
-                .any(|(id, c)| load_of(*id as usize) > self.cfg.high_utilisation * c);
+                .any(|(id, c)| expected(*id as usize) > self.cfg.high_utilisation * c);
             let stranded = table.iter().any(|n| !targets.iter().any(|t| t.0 == *n));
             if active_changed || hot || stranded {
                 out.moves = place_by_load(
@@ -455,8 +464,14 @@ impl Planner {
             .filter(|&i| next[i] != self.power[i])
             .map(|i| (i as u16, next[i]))
             .collect();
+        // Long-lived flows leave draining nodes (so they can stop) and nodes that are
+        // (or, predictive, are about to be) above the high mark, following their shards.
         out.hand_off_from = (0..next.len())
-            .filter(|&i| next[i] == Power::Draining)
+            .filter(|&i| {
+                next[i] == Power::Draining
+                    || (next[i] == Power::Active
+                        && expected(i) > self.cfg.high_utilisation * cap(i))
+            })
             .map(|i| i as u16)
             .collect();
         if !self.cfg.observe_only {

@@ -72,6 +72,10 @@ pub struct Scenario {
     pub interval_s: u32,
     #[serde(default = "default_shards")]
     pub shards: u16,
+    /// Connection-table entries of the emulated NIC. Too few evict established flows,
+    /// which come back as new flows wherever their shard is now: broken.
+    #[serde(default = "default_nic_flows")]
+    pub nic_flow_capacity: u32,
     pub nodes: NodesSpec,
     pub load: LoadSpec,
     pub traffic: TrafficSpec,
@@ -91,6 +95,10 @@ fn default_warmup_hours() -> f64 {
 
 fn default_shards() -> u16 {
     256
+}
+
+fn default_nic_flows() -> u32 {
+    1 << 18
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -236,6 +244,9 @@ impl Scenario {
                 "interval_s must lie in 1..=3600 (the NIC's idle timeouts must outlast a tick), got {}",
                 self.interval_s
             ));
+        }
+        if self.nic_flow_capacity == 0 {
+            return Err("nic_flow_capacity must be at least 1".into());
         }
         if self.shards == 0 {
             return Err("shards must be at least 1".into());
@@ -834,6 +845,8 @@ pub struct PolicyReport {
     pub peak_nodes_on: usize,
     pub migrations: u64,
     pub flows_moved_with_handoff: u64,
+    /// Flow states exported from a draining node and imported on another.
+    pub handoffs_started: u64,
     pub handoff_state_bytes: u64,
     pub broken_flows: u64,
     pub flows_remapped_on_failure: u64,
@@ -1006,7 +1019,7 @@ fn boot_nic(s: &Scenario, on: usize) -> Result<(Arc<Mutex<NicDevice>>, Nic<InPro
     let idle_ms = (s.interval_s * 2_000 + 60_000).min(nic_firmware::config::MAX_TIMEOUT_MS);
     let config = PipelineConfig {
         shards: s.shards,
-        flow_capacity: 1 << 18,
+        flow_capacity: s.nic_flow_capacity,
         timeouts: Timeouts {
             tcp_ms: idle_ms,
             tcp_close_ms: idle_ms,
@@ -1078,6 +1091,50 @@ fn apply(nic: &mut Nic<InProcess>, a: &Actions) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Hand the long-lived flows of draining nodes to the node their shard is on now: the
+/// old node exports each flow's state, the new one imports it (`duration_ms`), then
+/// the NIC flips the flow at its next flowlet boundary. Flows younger than
+/// `min_age_s` are left to end where they are: most short flows end before a handoff
+/// would pay off. Returns the handoffs the NIC accepted.
+fn hand_off(
+    nic: &mut Nic<InProcess>,
+    flows: &mut [SimFlow],
+    from: &[u16],
+    shard_node: &[u16],
+    now_s: f64,
+    m: &MigrationSpec,
+) -> Result<u64, Error> {
+    let mut picked = Vec::new();
+    for (i, f) in flows.iter().enumerate() {
+        if picked.len() == m.max_per_tick {
+            break;
+        }
+        let (Some(node), None) = (f.node, f.hand_off_to) else {
+            continue;
+        };
+        let Some(&to) = shard_node.get(usize::from(f.shard)) else {
+            continue;
+        };
+        if from.contains(&node) && to != node && now_s - f.start_s >= m.min_age_s {
+            picked.push((i, to));
+        }
+    }
+    if picked.is_empty() {
+        return Ok(0);
+    }
+    let list: Vec<(nic_firmware::FlowTuple, u16)> =
+        picked.iter().map(|(i, to)| (flows[*i].tuple(), *to)).collect();
+    let results = nic.hand_off_flows(&list)?;
+    let mut accepted = 0;
+    for ((i, to), r) in picked.iter().zip(results) {
+        if r == hdl_bindings::ring::FlowResult::Applied {
+            flows[*i].hand_off_to = Some(*to);
+            accepted += 1;
+        }
+    }
+    Ok(accepted)
 }
 
 /// Run one policy over the scenario.
@@ -1258,6 +1315,16 @@ fn run_policy(
                 *sl += pkts / dt;
             }
         }
+        // The profiler's verdicts for the flows that started: pushed down to the NIC
+        // so class groups (flowlet sharding) apply to them.
+        let fresh: Vec<(nic_firmware::FlowTuple, Class)> = flows
+            .iter()
+            .filter(|f| f.start_s >= start_s && f.node.is_some() && f.end_s >= start_s + dt)
+            .map(|f| (f.tuple(), f.class))
+            .collect();
+        if !fresh.is_empty() {
+            nic.push_flow_classes(&fresh)?;
+        }
         flows.retain(|f| f.end_s >= start_s + dt);
         // Nodes serve, queue and drop.
         let mut capacity_on = 0.0;
@@ -1276,6 +1343,7 @@ fn run_policy(
                 }
                 if lambda > mu && lambda > 0.0 {
                     report.overload_seconds += dt;
+                    if std::env::var_os("SIMDEBUG").is_some() { eprintln!("{} t={} node={} util={:.2} power={:?} on={}", policy.as_str(), t, n, lambda / mu, p, planner.power().iter().filter(|p| **p == Power::Active).count()); }
                 }
             }
             let arriving = lambda * dt;
@@ -1355,6 +1423,20 @@ fn run_policy(
         });
         if !s.planner.observe_only && !actions.is_empty() {
             apply(&mut nic, &actions)?;
+        }
+        if s.migration.hand_off && !s.planner.observe_only && !actions.hand_off_from.is_empty() {
+            let handed = hand_off(
+                &mut nic,
+                &mut flows,
+                &actions.hand_off_from,
+                planner.shard_node(),
+                start_s + dt,
+                &s.migration,
+            )?;
+            if in_window {
+                report.handoffs_started += handed;
+                report.handoff_state_bytes += handed * s.migration.state_bytes;
+            }
         }
         if in_window {
             report.migrations += actions.moves.len() as u64;
@@ -1485,7 +1567,7 @@ impl Simulation {
         }
         out.push('\n');
         type Cell = fn(&PolicyReport) -> String;
-        let rows: [(&str, Cell); 14] = [
+        let rows: [(&str, Cell); 15] = [
             ("overload-seconds", |r| format!("{:.0}", r.overload_seconds)),
             ("p50 queueing delay (ms)", |r| {
                 format!("{:.3}", r.p50_delay_ms)
@@ -1500,6 +1582,7 @@ impl Simulation {
             ("flows moved with handoff", |r| {
                 r.flows_moved_with_handoff.to_string()
             }),
+            ("handoffs started", |r| r.handoffs_started.to_string()),
             ("handoff state (bytes)", |r| {
                 r.handoff_state_bytes.to_string()
             }),
@@ -1682,4 +1765,172 @@ pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
     }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small hermetic scenario: synthetic flows, a generated daily load curve with
+    /// evening peaks, 8 nodes, one day after three of history.
+    fn small(dir: &Path) -> Scenario {
+        let csv = dir.join("load.csv");
+        let mut text = String::from("t,load\n");
+        for h in 0..(24 * 6) {
+            let hour = (h % 24) as f64;
+            let v = 100.0 + 900.0 * (-(hour - 18.0).powi(2) / 8.0).exp();
+            text.push_str(&format!("{h},{v}\n"));
+        }
+        std::fs::write(&csv, text).unwrap();
+        let mut s = Scenario::parse(DEFAULT_SCENARIO, "default").unwrap();
+        s.duration_hours = 24.0;
+        s.warmup_hours = 1.0;
+        s.nodes.count = 8;
+        s.nodes.capacity_pps = 10_000.0;
+        s.planner.max_active = 8;
+        s.load = LoadSpec {
+            csv,
+            column: Some("load".into()),
+            sample_s: 3600,
+            start_day: 4.0,
+            history_days: 3.0,
+            peak_fraction: 0.8,
+        };
+        s.traffic.source = Source::Synthetic;
+        s.traffic.flows_at_peak = 400;
+        s.traffic.max_flow_share = 0.2;
+        for c in &mut s.traffic.classes {
+            c.shift_hours = 0.0;
+        }
+        s.events = vec![Event::Fail {
+            at_hours: 10.0,
+            node: 1,
+        }];
+        s
+    }
+
+    fn report(sim: &Simulation, p: Policy) -> &PolicyReport {
+        &sim.runs.iter().find(|r| r.policy == p).unwrap().report
+    }
+
+    #[test]
+    fn the_default_scenarios_parse() {
+        let s = Scenario::parse(DEFAULT_SCENARIO, "default").unwrap();
+        assert_eq!(s.ticks(), (18, 1008));
+        let other = include_str!("../scenarios/vic-elec.toml");
+        Scenario::parse(other, "vic-elec").unwrap();
+    }
+
+    #[test]
+    fn bad_scenarios_name_the_key() {
+        let cases = [
+            ("seed = 7\nbogus = 1\n", "bogus"),
+            ("interval_s = 0\n", "interval_s"),
+            ("[planner]\ntarget_utilisation = 1.5\n", "target_utilisation"),
+            ("[[events]]\nat_hours = 1.0\nkind = \"fail\"\nnode = 99\n", "node 99"),
+            ("[[events]]\nat_hours = 1.0\nkind = \"explode\"\n", "explode"),
+        ];
+        for (change, needle) in cases {
+            let mut text = DEFAULT_SCENARIO.to_string();
+            for line in change.lines().filter(|l| l.contains(" = ") && !l.starts_with("at_hours")) {
+                let key = line.split(" = ").next().unwrap();
+                // Replace the key where it stands, or add it.
+                if let Some(at) = text.find(&format!("\n{key} = ")) {
+                    let end = text[at + 1..].find('\n').unwrap() + at + 1;
+                    text.replace_range(at + 1..end, line);
+                    continue;
+                }
+            }
+            if change.starts_with("seed") {
+                text = format!("bogus = 1\n{text}");
+            } else if change.starts_with("[[events]]") {
+                text.push_str(change);
+            }
+            let err = Scenario::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_run_repeats_exactly_and_breaks_no_flow() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small(dir.path());
+        let a = simulate(&s, &Policy::ALL, None, false).unwrap();
+        let b = simulate(&s, &Policy::ALL, None, false).unwrap();
+        assert_eq!(a.to_json(), b.to_json(), "same seed, same results");
+        for p in Policy::ALL {
+            let r = report(&a, p);
+            assert_eq!(r.broken_flows, 0, "{p:?}: {r:?}");
+            assert!(r.flows > 1000 && r.nic_packets > r.flows, "{p:?}: {r:?}");
+        }
+        // Static keeps all 8 nodes on for 24 h, but node 1 from its failure on.
+        let st = report(&a, Policy::Static);
+        assert!((st.node_hours - (8.0 * 24.0 - 14.0)).abs() < 0.5, "{st:?}");
+        assert_eq!(st.migrations, 0);
+        // The failed node's flows were remapped by the NIC on their next packet.
+        assert!(st.flows_remapped_on_failure > 0, "{st:?}");
+        // The others scale with the load curve, so they use fewer node-hours.
+        for p in [Policy::Reactive, Policy::Predictive] {
+            let r = report(&a, p);
+            assert!(r.node_hours < st.node_hours, "{p:?}: {r:?}");
+            assert!(r.migrations > 0, "{p:?}: {r:?}");
+        }
+        let mase = &report(&a, Policy::Predictive).forecast_mase;
+        assert!(mase["total"].is_finite() && mase["total"] < 1.0, "{mase:?}");
+    }
+
+    #[test]
+    fn the_checker_sees_flows_an_overfull_nic_table_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small(dir.path());
+        s.events.clear();
+        // Far fewer entries than live flows: established flows are evicted, and come
+        // back as new flows on whatever node their shard is on by then.
+        s.nic_flow_capacity = 64;
+        let sim = simulate(&s, &[Policy::Reactive], None, false).unwrap();
+        let r = report(&sim, Policy::Reactive);
+        assert!(r.broken_flows > 0, "{r:?}");
+    }
+
+    #[test]
+    fn draining_nodes_hand_their_long_flows_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small(dir.path());
+        s.events.clear();
+        s.migration.min_age_s = 0.0;
+        let sim = simulate(&s, &[Policy::Reactive], None, false).unwrap();
+        let r = report(&sim, Policy::Reactive);
+        assert!(r.handoffs_started > 0, "{r:?}");
+        assert!(r.flows_moved_with_handoff > 0, "{r:?}");
+        assert!(r.flows_moved_with_handoff <= r.handoffs_started, "{r:?}");
+        assert_eq!(r.handoff_state_bytes, r.handoffs_started * s.migration.state_bytes);
+        s.migration.hand_off = false;
+        let sim = simulate(&s, &[Policy::Reactive], None, false).unwrap();
+        let without = report(&sim, Policy::Reactive);
+        assert_eq!(without.flows_moved_with_handoff, 0);
+        assert!(without.node_hours >= r.node_hours, "{without:?} vs {r:?}");
+    }
+
+    #[test]
+    fn a_short_load_curve_is_refused_with_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small(dir.path());
+        s.duration_hours = 24.0 * 30.0;
+        let err = simulate(&s, &[Policy::Static], None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cover 6.0 days"), "{err}");
+    }
+
+    #[test]
+    fn delay_quantiles_follow_the_weights() {
+        let mut h = DelayHistogram::new();
+        h.add(0.0, 98.0);
+        h.add(0.010, 1.0);
+        h.add(1.0, 1.0);
+        assert_eq!(h.quantile_ms(0.5), 0.0);
+        let p99 = h.quantile_ms(0.99);
+        assert!((10.0..12.0).contains(&p99), "{p99}");
+        assert!(h.quantile_ms(0.999) >= 1000.0);
+    }
 }
