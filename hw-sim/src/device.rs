@@ -881,8 +881,8 @@ impl NicDevice {
                     for (e, r) in raw.chunks_exact_mut(FLOW_LIST_ENTRY_LEN).zip(results) {
                         e[40] = r as u8;
                     }
-                    // Read from the same mapping a moment ago, so the write lands; if the
-                    // host unmapped it meanwhile it only loses the per-entry results.
+                    // The check read the list from this mapping within this same call,
+                    // which no unmap can interleave with, so the write lands.
                     let _ = self.dma.write(iova, &raw);
                     Ok(())
                 }
