@@ -214,6 +214,11 @@ pub enum ImageError {
     BadClassifier {
         offset: u32,
     },
+    /// The device could not store the image in its flash (the OS error number, for
+    /// the emulator's flash files).
+    Storage {
+        errno: u32,
+    },
 }
 
 impl ImageError {
@@ -234,6 +239,7 @@ impl ImageError {
             ImageError::Sequence { offset } => (12, offset),
             ImageError::DmaFault { addr } => (13, addr),
             ImageError::BadClassifier { offset } => (14, offset),
+            ImageError::Storage { errno } => (15, errno),
         }
     }
 
@@ -256,6 +262,7 @@ impl ImageError {
             12 => ImageError::Sequence { offset: detail },
             13 => ImageError::DmaFault { addr: detail },
             14 => ImageError::BadClassifier { offset: detail },
+            15 => ImageError::Storage { errno: detail },
             _ => return None,
         })
     }
@@ -319,6 +326,9 @@ impl core::fmt::Display for ImageError {
                 f,
                 "corrupt classifier tables in the image (at byte {offset})"
             ),
+            ImageError::Storage { errno } => {
+                write!(f, "the NIC could not write its flash (os error {errno})")
+            }
         }
     }
 }
@@ -438,6 +448,7 @@ mod tests {
             ImageError::Sequence { offset: 4 },
             ImageError::DmaFault { addr: 8 },
             ImageError::BadClassifier { offset: 300 },
+            ImageError::Storage { errno: 28 },
         ];
         for e in all {
             let (c, d) = e.to_code();

@@ -191,6 +191,11 @@ pub struct NicSimArgs {
     /// embedded default image unless given).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Keep the flash slots (A/B) and the boot selection in this directory, so a
+    /// restarted nic-sim boots what was flashed, as a NIC does after a power cycle.
+    /// Files are replaced atomically; a damaged slot falls back to the other one.
+    #[arg(long, value_name = "DIR")]
+    flash_dir: Option<PathBuf>,
     /// Device memory for the data plane's tables, MiB.
     #[arg(long, default_value_t = 4096)]
     memory_mib: u64,
@@ -276,6 +281,7 @@ impl NicSimArgs {
             socket: self.socket,
             trusted_key: self.trusted_key,
             image: self.image,
+            flash_dir: self.flash_dir,
             memory_mib: self.memory_mib,
             traffic: source.map(|source| nic_sim::TrafficOptions {
                 source,

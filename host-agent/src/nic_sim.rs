@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use hw_sim::capture::{CaptureReader, PcapWriter, link_type};
 use hw_sim::device::{DeviceOptions, NicDevice};
+use hw_sim::flash_store::FileFlash;
 use hw_sim::generate::{FrameWindow, Popularity, WIRE_LEN};
 use nic_firmware::pipeline::{Decision, Packet};
 use nic_firmware::{LinkType, Verdict};
@@ -459,6 +460,8 @@ pub struct NicSimOptions {
     pub socket: Option<PathBuf>,
     pub trusted_key: Option<PathBuf>,
     pub image: Option<PathBuf>,
+    /// Keep the flash slots and boot selection in this directory across restarts.
+    pub flash_dir: Option<PathBuf>,
     pub memory_mib: u64,
     pub traffic: Option<TrafficOptions>,
     pub json: bool,
@@ -507,14 +510,50 @@ fn stop_on_signals() -> Result<(), Error> {
 }
 
 /// `flowshard nic-sim`: until its traffic ends (without --socket) or a SIGINT/SIGTERM.
+/// A device powered on with the flash kept in `dir`, saying what it booted and what it
+/// had to leave out.
+fn restore(dir: &Path, opts: DeviceOptions) -> Result<NicDevice, Error> {
+    let (store, state, notes) = FileFlash::open(dir, &opts.trusted_key)
+        .map_err(io(format!("open flash directory {}", dir.display())))?;
+    for n in notes {
+        eprintln!("nic-sim: {n}");
+    }
+    let dev = NicDevice::restore(opts, state, Box::new(store));
+    let slot = |s: usize| if s == 0 { 'A' } else { 'B' };
+    match dev.running_slot() {
+        Some((s, version, fell_back)) => eprintln!(
+            "nic-sim: flash {}: booted slot {} (image version {version}){}",
+            dir.display(),
+            slot(s),
+            if fell_back {
+                format!(", falling back from slot {}", slot(1 - s))
+            } else {
+                String::new()
+            }
+        ),
+        None => eprintln!(
+            "nic-sim: flash {}: no bootable image yet; flash one",
+            dir.display()
+        ),
+    }
+    Ok(dev)
+}
+
 pub fn run(opts: NicSimOptions) -> Result<(), Error> {
     stop_on_signals()?;
-    let mut dev = NicDevice::new(DeviceOptions {
+    let dev_opts = DeviceOptions {
         trusted_key: trusted_key(opts.trusted_key.as_deref())?,
         memory_bytes: opts.memory_mib << 20,
-    });
+    };
+    let mut dev = match &opts.flash_dir {
+        Some(dir) => restore(dir, dev_opts)?,
+        None => NicDevice::new(dev_opts),
+    };
+    let booted = dev.running_slot().is_some();
     let image = match (&opts.image, &opts.socket, &opts.trusted_key) {
         (Some(path), _, _) => Some((read_file(path)?, path.display().to_string())),
+        // Flashed before and kept in --flash-dir: run that.
+        (None, _, _) if booted => None,
         // Without a socket nobody can flash: boot the embedded default image.
         (None, None, None) => Some((crate::nic_cmd::default_image()?, "embedded default".into())),
         (None, None, Some(_)) => {

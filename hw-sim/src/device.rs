@@ -12,7 +12,9 @@
 //! other one, COMMIT verifies it (structure, CRC32C, ed25519 signature, table sizes) and
 //! marks it to boot at the next reset. A reset boots the marked slot and falls back to
 //! the last good one if the new image does not boot (its tables do not fit the
-//! device's memory). A flash stopped anywhere leaves the running slot as it was.
+//! device's memory), or to the other slot if the running one no longer boots either. A
+//! flash stopped anywhere leaves the running slot as it was. With a [`FlashStore`] the
+//! slots and the boot selection outlive the process, as a real NIC's flash does.
 
 use ed25519_dalek::VerifyingKey;
 use hdl_bindings::image::{ImageError, MAX_IMAGE_LEN};
@@ -48,6 +50,33 @@ pub mod flash_state {
     pub const WRITING: u32 = 1;
     pub const COMMITTED: u32 = 2;
     pub const FAILED: u32 = 3;
+}
+
+/// Where a device keeps its flash beyond the process (the emulator's files). The
+/// device calls it in an order that keeps the stored state bootable if the process
+/// dies between any two calls: a slot is written before the boot selection names it,
+/// and the selection stops naming a slot before the slot is erased.
+pub trait FlashStore: Send + std::fmt::Debug {
+    /// Store a verified image in `slot`, replacing what was there.
+    fn write_slot(&mut self, slot: usize, image: &[u8]) -> std::io::Result<()>;
+    fn erase_slot(&mut self, slot: usize) -> std::io::Result<()>;
+    /// Store which slot runs and which, if any, boots at the next reset.
+    fn write_boot(&mut self, active: usize, pending: Option<usize>) -> std::io::Result<()>;
+}
+
+/// Flash contents as a [`FlashStore`] kept them: what a device restarts from.
+#[derive(Clone, Debug, Default)]
+pub struct FlashState {
+    /// Slot images, A and B (`None`: empty or unreadable).
+    pub slots: [Option<Vec<u8>>; 2],
+    pub active: usize,
+    pub pending: Option<usize>,
+}
+
+fn storage_error(e: &std::io::Error) -> ImageError {
+    ImageError::Storage {
+        errno: e.raw_os_error().unwrap_or(0) as u32,
+    }
 }
 
 /// What the device is built with.
@@ -122,6 +151,7 @@ pub struct NicDevice {
     flash_offset: u32,
     flash_state: u32,
     flash_error: (u8, u32),
+    store: Option<Box<dyn FlashStore>>,
     pipeline: Option<Pipeline>,
     fw_version: u32,
     dma: DmaSpace,
@@ -197,6 +227,7 @@ impl NicDevice {
             flash_offset: 0,
             flash_state: flash_state::IDLE,
             flash_error: (0, 0),
+            store: None,
             pipeline: None,
             fw_version: 0,
             dma: DmaSpace::default(),
@@ -209,6 +240,42 @@ impl NicDevice {
             forwarded_hi: 0,
             flows_hi: 0,
         }
+    }
+
+    /// A device whose flash lives in `store`, powered on with the flash `state` it
+    /// kept: slots that no longer verify are treated as empty, then the device boots
+    /// as after a reset (the pending slot, else the active one, else the other).
+    pub fn restore(
+        opts: DeviceOptions,
+        state: FlashState,
+        store: Box<dyn FlashStore>,
+    ) -> NicDevice {
+        let mut dev = NicDevice::new(opts);
+        for (i, img) in state.slots.into_iter().enumerate() {
+            if let Some(img) = img
+                && let Ok(info) = image::verify(&img, Some(&dev.opts.trusted_key))
+            {
+                dev.slots[i] = Slot::Valid {
+                    image: img,
+                    version: info.image_version,
+                };
+            }
+        }
+        dev.active = state.active.min(1);
+        dev.pending = state.pending.filter(|p| *p < 2);
+        dev.store = Some(store);
+        if dev.slots.iter().any(|s| matches!(s, Slot::Valid { .. })) {
+            dev.reset();
+        }
+        dev
+    }
+
+    /// The slot running (A = 0) and whether the last reset fell back from the slot it
+    /// meant to boot, or `None` when nothing runs.
+    pub fn running_slot(&self) -> Option<(usize, u32, bool)> {
+        self.pipeline
+            .as_ref()
+            .map(|_| (self.active, self.fw_version, self.fell_back))
     }
 
     /// PCI configuration space: ids, class (network controller), BAR0 as 32-bit memory.
@@ -519,9 +586,8 @@ impl NicDevice {
             flash_op::WRITE => self.flash_write(),
             flash_op::COMMIT => self.flash_commit(),
             flash_op::ABORT => {
-                self.erase_target();
                 self.flash_state = flash_state::IDLE;
-                Ok(())
+                self.erase_target()
             }
             _ => Err(ImageError::Sequence { offset: 0 }),
         };
@@ -530,23 +596,33 @@ impl NicDevice {
             Err(e) => {
                 self.flash_error = e.to_code();
                 if op != flash_op::WRITE || !matches!(e, ImageError::DmaFault { .. }) {
-                    self.erase_target();
+                    // The error reported is the first one; a store that also fails to
+                    // erase leaves a slot the boot selection does not name.
+                    let _ = self.erase_target();
                     self.flash_state = flash_state::FAILED;
                 }
             }
         }
     }
 
-    fn erase_target(&mut self) {
+    fn erase_target(&mut self) -> Result<(), ImageError> {
         let t = self.target_slot();
         self.slots[t] = Slot::Empty;
         if self.pending == Some(t) {
             self.pending = None;
+            if let Some(s) = self.store.as_mut() {
+                s.write_boot(self.active, None)
+                    .map_err(|e| storage_error(&e))?;
+            }
         }
+        if let Some(s) = self.store.as_mut() {
+            s.erase_slot(t).map_err(|e| storage_error(&e))?;
+        }
+        Ok(())
     }
 
     fn flash_begin(&mut self) -> Result<(), ImageError> {
-        self.erase_target();
+        self.erase_target()?;
         if self.flash_len as usize > MAX_IMAGE_LEN {
             return Err(ImageError::TooLarge {
                 len: self.flash_len,
@@ -584,6 +660,11 @@ impl NicDevice {
             return Err(ImageError::Sequence { offset: 0 });
         };
         let info = image::verify(&buf, Some(&self.opts.trusted_key))?;
+        if let Some(s) = self.store.as_mut() {
+            s.write_slot(t, &buf).map_err(|e| storage_error(&e))?;
+            s.write_boot(self.active, Some(t))
+                .map_err(|e| storage_error(&e))?;
+        }
         self.slots[t] = Slot::Valid {
             image: buf,
             version: info.image_version,
@@ -597,6 +678,10 @@ impl NicDevice {
     /// it is verified exactly as a flashed one.
     pub fn preload(&mut self, img: Vec<u8>) -> Result<(), ImageError> {
         let info = image::verify(&img, Some(&self.opts.trusted_key))?;
+        if let Some(s) = self.store.as_mut() {
+            s.write_slot(0, &img).map_err(|e| storage_error(&e))?;
+            s.write_boot(0, Some(0)).map_err(|e| storage_error(&e))?;
+        }
         self.slots[0] = Slot::Valid {
             image: img,
             version: info.image_version,
@@ -618,16 +703,31 @@ impl NicDevice {
         self.flash_state = flash_state::IDLE;
         self.fell_back = false;
         let previous = self.active;
-        if let Some(next) = self.pending.take() {
-            if self.boot(next) {
-                self.active = next;
-                return;
+        let booted = match self.pending.take() {
+            Some(next) if self.boot(next) => Some(next),
+            pending => {
+                self.fell_back = pending.is_some();
+                if self.boot(previous) {
+                    Some(previous)
+                } else if self.boot(1 - previous) {
+                    self.fell_back = true;
+                    Some(1 - previous)
+                } else {
+                    None
+                }
             }
-            self.fell_back = true;
+        };
+        match booted {
+            Some(slot) => self.active = slot,
+            None => {
+                self.pipeline = None;
+                self.fw_version = 0;
+            }
         }
-        if !self.boot(previous) {
-            self.pipeline = None;
-            self.fw_version = 0;
+        if let Some(s) = self.store.as_mut() {
+            // A store that cannot record the new selection reports it itself; the
+            // stored one still names a slot that boots, so the device stays bootable.
+            let _ = s.write_boot(self.active, None);
         }
     }
 
@@ -781,8 +881,8 @@ impl NicDevice {
                     for (e, r) in raw.chunks_exact_mut(FLOW_LIST_ENTRY_LEN).zip(results) {
                         e[40] = r as u8;
                     }
-                    // Read from the same mapping a moment ago, so the write lands; if the
-                    // host unmapped it meanwhile it only loses the per-entry results.
+                    // The check read the list from this mapping within this same call,
+                    // which no unmap can interleave with, so the write lands.
                     let _ = self.dma.write(iova, &raw);
                     Ok(())
                 }
