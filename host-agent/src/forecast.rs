@@ -643,6 +643,11 @@ impl History {
         self.samples.is_empty()
     }
 
+    /// Sample `i`, oldest first.
+    pub fn get(&self, i: usize) -> Option<f64> {
+        self.samples.get(i).copied()
+    }
+
     /// The samples, oldest first.
     pub fn to_vec(&self) -> Vec<f64> {
         self.samples.iter().copied().collect()

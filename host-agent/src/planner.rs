@@ -344,9 +344,12 @@ impl Planner {
                     let ahead = need(at(w).max(at(w + 1)));
                     // The safety net: the reactive rule when a node runs hot anyway.
                     let up = if hot { ahead.max(reactive) } else { ahead };
-                    // Keep a node that is needed again before a new one could warm up.
-                    let hold = (0..=w + 1).map(|i| need(at(i))).max().unwrap_or(0);
-                    (up, hold.max(need(load)))
+                    // Keep a node that is needed again before a new one could warm up,
+                    // and (HPA's tolerance band, against flapping) unless the others
+                    // would stay below the planned utilisation by the tolerance.
+                    let keep = |l: f64| (l / (f * (1.0 - self.cfg.tolerance / 2.0) * node_cap)).ceil() as usize;
+                    let hold = (0..=w + 1).map(|i| keep(at(i))).max().unwrap_or(0);
+                    (up, hold.max(keep(load)))
                 }
                 _ => (reactive, reactive),
             };
