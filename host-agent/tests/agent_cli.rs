@@ -40,9 +40,10 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
             "`nodes[0].capacity_gbps`",
         ),
         ("token = \"abc\"", "`token`: shorter than 16 characters"),
+        ("device = \"pci:3:0.0\"", "pci:3:0.0: not a PCI address"),
         (
-            "device = \"vfio-user:/run/nic.sock\"",
-            "no vfio-user transport yet",
+            "device = \"vfio-user:/run/nic.sock\"\n[emulated]\nflows = 5",
+            "[emulated] configures the in-process NIC only",
         ),
         (
             "[emulated]\nnic_config = \"/nonexistent/nic.toml\"",
@@ -61,6 +62,20 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
+
+#[test]
+fn a_separate_nic_that_is_not_there_is_named_with_how_to_start_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let (code, err) = agent_with(&format!("device = \"vfio-user:{}\"", socket.display()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("vfio-user:{}", socket.display()))
+            && err.contains("is `flowshard nic-sim --socket"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
