@@ -44,6 +44,9 @@ use crate::driver::{Nic, NicError, Tables};
 use crate::metrics::LoopMetrics;
 use crate::node_metrics::{NodeSample, Report};
 
+/// Longest the agent waits for a vfio-user server to answer its connection.
+const VFIO_USER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Migrations kept for `/migrations`.
 const MIGRATION_LOG: usize = 1_000;
 
@@ -972,9 +975,23 @@ impl Backend {
         let failed = |e: DeviceError| crate::Error::Agent(format!("open the NIC: {e}"));
         match &cfg.device {
             DeviceSpec::InProcess => Ok(Backend::InProcess(Backend::emulated_nic(cfg)?)),
-            DeviceSpec::VfioUser(p) => VfioUser::connect(p)
-                .map(|d| Backend::External(Box::new(d)))
-                .map_err(failed),
+            DeviceSpec::VfioUser(p) => {
+                // A server busy with another client accepts the connection but does
+                // not answer the handshake: wait a bounded time, on a thread, and say so.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let path = p.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(VfioUser::connect(&path));
+                });
+                match rx.recv_timeout(VFIO_USER_CONNECT_TIMEOUT) {
+                    Ok(r) => r.map(|d| Backend::External(Box::new(d))).map_err(failed),
+                    Err(_) => Err(crate::Error::Agent(format!(
+                        "open the NIC: vfio-user:{}: no answer within {} s; nic-sim serves one client at a time: is another agent, or `flowshard status`, connected?",
+                        p.display(),
+                        VFIO_USER_CONNECT_TIMEOUT.as_secs()
+                    ))),
+                }
+            }
             DeviceSpec::Pci(bdf) => Vfio::open(bdf)
                 .map(|d| Backend::External(Box::new(d)))
                 .map_err(failed),

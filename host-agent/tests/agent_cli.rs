@@ -76,6 +76,40 @@ fn a_separate_nic_that_is_not_there_is_named_with_how_to_start_it() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    // The kernel VFIO path, up to the kernel: a PCI function this machine lacks.
+    let (code, err) = agent_with("device = \"pci:0000:FE:1F.7\"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("pci:0000:fe:1f.7: no such PCI device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_agent_finding_the_nic_busy_with_another_client_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let mut sim = Command::new(BIN)
+        .arg("nic-sim")
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let held = flowshard::device::VfioUser::connect(&socket);
+    let (code, err) = agent_with(&format!("device = \"vfio-user:{}\"", socket.display()));
+    drop(held);
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no answer within 3 s") && err.contains("one client at a time"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -80,7 +80,6 @@ fn default_image() -> Vec<u8> {
 
 /// The NIC under test with its traffic running, however it is reached.
 struct Rig {
-    transport: Transport,
     dir: tempfile::TempDir,
     decisions: PathBuf,
     nic: NicKind,
@@ -93,9 +92,27 @@ enum NicKind {
         traffic: std::thread::JoinHandle<Result<TrafficSummary, flowshard::Error>>,
     },
     Separate {
-        sim: Child,
+        sim: Reaped,
         socket: PathBuf,
     },
+}
+
+/// A child process killed when dropped, so a failing test leaves no process behind
+/// (holding the harness's output open).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGTERM, as systemd stops a service; then wait for the exit.
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.wait().unwrap()
 }
 
 impl Rig {
@@ -147,6 +164,7 @@ impl Rig {
                     .stderr(Stdio::null())
                     .spawn()
                     .unwrap();
+                let sim = Reaped(sim);
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !socket.exists() {
                     assert!(Instant::now() < deadline, "nic-sim never made its socket");
@@ -156,7 +174,6 @@ impl Rig {
             }
         };
         Rig {
-            transport,
             dir,
             decisions,
             nic,
@@ -228,13 +245,15 @@ impl Rig {
             NicKind::Separate { .. } => {
                 let path = self.dir.path().join("agent.toml");
                 std::fs::write(&path, config_toml(&self.config())).unwrap();
-                let mut child = Command::new(BIN)
-                    .args(["agent", "--listen", "127.0.0.1:0", "--log-json", "--config"])
-                    .arg(&path)
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+                let mut child = Reaped(
+                    Command::new(BIN)
+                        .args(["agent", "--listen", "127.0.0.1:0", "--log-json", "--config"])
+                        .arg(&path)
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap(),
+                );
+                let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
                 let addr = loop {
                     let line = lines.next().expect("agent exited before serving").unwrap();
                     let v: Value = serde_json::from_str(&line).expect("log lines are JSON");
@@ -266,9 +285,7 @@ impl Rig {
                 drop(model);
             }
             NicKind::Separate { mut sim, .. } => {
-                // SAFETY: kill(2) on the child this test spawned and has not reaped.
-                assert_eq!(unsafe { libc::kill(sim.id() as i32, libc::SIGTERM) }, 0);
-                let status = sim.wait().unwrap();
+                let status = terminate(&mut sim.0);
                 assert!(status.success(), "nic-sim: {status}");
             }
         }
@@ -290,7 +307,7 @@ enum Run {
         thread: std::thread::JoinHandle<Result<(), flowshard::Error>>,
     },
     Process {
-        child: Child,
+        child: Reaped,
         logs: std::thread::JoinHandle<Vec<String>>,
     },
 }
@@ -347,9 +364,7 @@ impl Agent {
                 thread.join().unwrap().unwrap();
             }
             Run::Process { mut child, logs } => {
-                // SAFETY: kill(2) on the child this test spawned and has not reaped.
-                assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-                let status = child.wait().unwrap();
+                let status = terminate(&mut child.0);
                 let logs = logs.join().unwrap();
                 assert!(status.success(), "agent: {status}: {logs:?}");
                 assert!(logs.iter().any(|l| l.contains("SIGTERM")), "{logs:?}");
