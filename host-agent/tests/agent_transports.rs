@@ -368,7 +368,10 @@ impl Agent {
                 let logs = logs.join().unwrap();
                 assert!(status.success(), "agent: {status}: {logs:?}");
                 assert!(logs.iter().any(|l| l.contains("SIGTERM")), "{logs:?}");
-                assert!(logs.iter().any(|l| l.contains("keeps steering")), "{logs:?}");
+                assert!(
+                    logs.iter().any(|l| l.contains("keeps steering")),
+                    "{logs:?}"
+                );
             }
         }
     }
@@ -462,7 +465,10 @@ fn lifecycle(transport: Transport) {
         .iter()
         .map(|n| n["packets"].as_u64().unwrap())
         .sum();
-    assert!(packets > 0, "no counter snapshot reached the agent: {nodes}");
+    assert!(
+        packets > 0,
+        "no counter snapshot reached the agent: {nodes}"
+    );
     let top = first.get("/flows?top=3");
     let top = top.as_array().unwrap();
     assert_eq!(top.len(), 3);
@@ -502,7 +508,11 @@ fn lifecycle(transport: Transport) {
     let second = rig.start_agent();
     second.wait_for(|s| s["loop"]["ticks"].as_u64() > Some(10));
     assert_eq!(placement(&second.get("/shards")), drained);
-    assert_eq!(second.get("/migrations"), json!([]), "the restart moved shards");
+    assert_eq!(
+        second.get("/migrations"),
+        json!([]),
+        "the restart moved shards"
+    );
     assert_eq!(second.get("/nodes")[1]["state"], "draining");
     second.stop();
 
@@ -540,7 +550,10 @@ fn lifecycle(transport: Transport) {
         .values()
         .filter(|(first, node, last)| *node == 1 && *first < drained_at && *last > drained_at)
         .count();
-    assert!(stayed >= 50, "{stayed} flows of node 1 sent after the drain");
+    assert!(
+        stayed >= 50,
+        "{stayed} flows of node 1 sent after the drain"
+    );
     let new_after = |t: u64| flows.values().filter(move |f| f.0 > t);
     assert!(new_after(drained_at).count() >= 100);
     assert!(
