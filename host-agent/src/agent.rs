@@ -39,10 +39,13 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::agent_config::{AgentConfig, DeviceSpec};
-use crate::device::{Device, InProcess};
+use crate::device::{Device, DeviceError, InProcess, Vfio, VfioUser};
 use crate::driver::{Nic, NicError, Tables};
 use crate::metrics::LoopMetrics;
 use crate::node_metrics::{NodeSample, Report};
+
+/// Longest the agent waits for a vfio-user server to answer its connection.
+const VFIO_USER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Migrations kept for `/migrations`.
 const MIGRATION_LOG: usize = 1_000;
@@ -187,6 +190,9 @@ pub struct TrackedFlow {
     #[serde(skip)]
     pub class: u8,
     pub proto: u8,
+    /// The record's address family: an IPv6 address may have any bytes zero, so the
+    /// family cannot be told from the addresses.
+    pub ipv6: bool,
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
     pub packets: u32,
@@ -442,6 +448,7 @@ impl Core {
                 shard: r.shard,
                 class: r.class,
                 proto: r.proto,
+                ipv6: r.ipv6,
                 first_ts_ns: r.first_ts_ns,
                 last_ts_ns: r.last_ts_ns,
                 packets: r.packets,
@@ -709,14 +716,11 @@ impl Core {
         }
         all.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
         all.into_iter()
-            .map(|(id, f)| {
-                let v6 = id.0[4..].iter().any(|b| *b != 0);
-                FlowView {
-                    client: addr(&id.0, v6, id.2),
-                    server: addr(&id.1, v6, id.3),
-                    class: class_name(f.class),
-                    flow: *f,
-                }
+            .map(|(id, f)| FlowView {
+                client: addr(&id.0, f.ipv6, id.2),
+                server: addr(&id.1, f.ipv6, id.3),
+                class: class_name(f.class),
+                flow: *f,
             })
             .collect()
     }
@@ -943,41 +947,74 @@ impl SyntheticTraffic {
     }
 }
 
-/// What the agent drives: a device, and for the in-process NIC the model itself (for
-/// its synthetic traffic).
-#[derive(Debug)]
+/// What the agent drives: for the in-process NIC the model itself (the agent offers it
+/// its synthetic traffic); for a separate NIC only the transport, since that NIC has a
+/// traffic source of its own (`flowshard nic-sim --pcap`, or real links).
 pub enum Backend {
     InProcess(Arc<Mutex<NicDevice>>),
+    /// The emulated NIC in another process over vfio-user, or a PCI function through
+    /// kernel VFIO: the same driver, a different transport.
+    External(Box<dyn Device>),
 }
 
-impl Backend {
-    /// The backend `spec` names. The in-process NIC boots the embedded default image,
-    /// or `emulated.nic_config`.
-    pub fn from_config(cfg: &AgentConfig) -> Result<Backend, crate::Error> {
-        match &cfg.device {
-            DeviceSpec::InProcess => {
-                let nic = crate::nic_config::load(cfg.emulated.nic_config.as_deref())?;
-                let img = hw_sim::image::build(&nic, 1)
-                    .map_err(|e| crate::Error::Usage(format!("emulated.nic_config: {e}")))?;
-                let img = hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key())
-                    .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;
-                let mut dev = NicDevice::new(hw_sim::device::DeviceOptions::default());
-                dev.preload(img)
-                    .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;
-                Ok(Backend::InProcess(Arc::new(Mutex::new(dev))))
-            }
-            DeviceSpec::VfioUser(p) => Err(crate::Error::Usage(format!(
-                "device \"vfio-user:{}\": this build of the agent has no vfio-user transport yet; use \"in-process\"",
-                p.display()
-            ))),
-            DeviceSpec::Pci(b) => Err(crate::Error::Usage(format!(
-                "device \"pci:{b}\": this build of the agent has no VFIO transport yet; use \"in-process\""
-            ))),
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::InProcess(_) => f.write_str("Backend::InProcess"),
+            Backend::External(d) => write!(f, "Backend::External({})", d.describe()),
         }
     }
 }
 
-/// The agent: the NIC, the core, and the synthetic traffic of an in-process NIC.
+impl Backend {
+    /// The backend `cfg.device` names, connected. The in-process NIC boots the embedded
+    /// default image, or `emulated.nic_config`; a separate NIC must already run an image
+    /// (`flowshard flash`), which [`Agent::start`] checks.
+    pub fn from_config(cfg: &AgentConfig) -> Result<Backend, crate::Error> {
+        // The transports' errors already name the device and say what to check.
+        let failed = |e: DeviceError| crate::Error::Agent(format!("open the NIC: {e}"));
+        match &cfg.device {
+            DeviceSpec::InProcess => Ok(Backend::InProcess(Backend::emulated_nic(cfg)?)),
+            DeviceSpec::VfioUser(p) => {
+                // A server busy with another client accepts the connection but does
+                // not answer the handshake: wait a bounded time, on a thread, and say so.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let path = p.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(VfioUser::connect(&path));
+                });
+                match rx.recv_timeout(VFIO_USER_CONNECT_TIMEOUT) {
+                    Ok(r) => r.map(|d| Backend::External(Box::new(d))).map_err(failed),
+                    Err(_) => Err(crate::Error::Agent(format!(
+                        "open the NIC: vfio-user:{}: no answer within {} s; nic-sim serves one client at a time: is another agent, or `flowshard status`, connected?",
+                        p.display(),
+                        VFIO_USER_CONNECT_TIMEOUT.as_secs()
+                    ))),
+                }
+            }
+            DeviceSpec::Pci(bdf) => Vfio::open(bdf)
+                .map(|d| Backend::External(Box::new(d)))
+                .map_err(failed),
+        }
+    }
+
+    /// The in-process emulated NIC, running the image of `emulated.nic_config` (the
+    /// embedded default without it).
+    pub fn emulated_nic(cfg: &AgentConfig) -> Result<Arc<Mutex<NicDevice>>, crate::Error> {
+        let nic = crate::nic_config::load(cfg.emulated.nic_config.as_deref())?;
+        let img = hw_sim::image::build(&nic, 1)
+            .map_err(|e| crate::Error::Usage(format!("emulated.nic_config: {e}")))?;
+        let img = hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key())
+            .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;
+        let mut dev = NicDevice::new(hw_sim::device::DeviceOptions::default());
+        dev.preload(img)
+            .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;
+        Ok(Arc::new(Mutex::new(dev)))
+    }
+}
+
+/// The agent: the NIC, the core, and the synthetic traffic of an in-process NIC (a
+/// separate NIC brings its own).
 pub struct Agent {
     nic: Nic<Box<dyn Device>>,
     core: Core,
@@ -1013,8 +1050,10 @@ impl Agent {
         view: Arc<RwLock<View>>,
         metrics: Arc<LoopMetrics>,
     ) -> Result<Agent, crate::Error> {
-        let Backend::InProcess(model) = backend;
-        let dev: Box<dyn Device> = Box::new(InProcess::new(model.clone()));
+        let (dev, model): (Box<dyn Device>, _) = match backend {
+            Backend::InProcess(m) => (Box::new(InProcess::new(m.clone())), Some(m)),
+            Backend::External(d) => (d, None),
+        };
         let mut nic = Nic::open(dev).map_err(nic_err)?;
         let status = nic.status().map_err(nic_err)?;
         if !status.running {
@@ -1044,7 +1083,7 @@ impl Agent {
         )
         .map_err(nic_err)?;
         let e = &cfg.emulated;
-        let traffic = matches!(cfg.device, DeviceSpec::InProcess).then(|| SyntheticTraffic {
+        let traffic = model.map(|model| SyntheticTraffic {
             model,
             oldest: 0,
             next: 0,
@@ -1355,6 +1394,54 @@ mod tests {
                     .all(|s| *s == NodeState::Active)
             );
         }
+    }
+
+    fn record(client: [u8; 16], server: [u8; 16], ipv6: bool, bytes: u64) -> FeatureRecord {
+        FeatureRecord {
+            kind: RecordKind::Early,
+            end_reason: hdl_bindings::telemetry::EndReason::None,
+            proto: 6,
+            ipv6,
+            n: 1,
+            class: 0,
+            tcp_flags_client: 0,
+            tcp_flags_server: 0,
+            shards_used: 1,
+            node: 1,
+            shard: 1,
+            flowlets: 1,
+            client_addr: client,
+            server_addr: server,
+            client_port: 40_000,
+            server_port: 443,
+            directions: 0,
+            first_ts_ns: 0,
+            last_ts_ns: 0,
+            packets: 1,
+            bytes,
+            sizes: [0; hdl_bindings::telemetry::MAX_FEATURE_PACKETS],
+            iat_us: [0; hdl_bindings::telemetry::MAX_FEATURE_PACKETS],
+        }
+    }
+
+    #[test]
+    fn flows_show_the_address_family_of_their_records() {
+        let mut c = core();
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        // Both IPv6 addresses have every byte past the fourth zero.
+        c.profile(&[
+            record(v6("2001:db8::"), v6("fd00::"), true, 300),
+            record(v4, v4, false, 200),
+        ]);
+        let top = c.top_flows(2);
+        assert_eq!(
+            (top[0].client.as_str(), top[0].server.as_str()),
+            ("[2001:db8::]:40000", "[fd00::]:443")
+        );
+        assert!(top[0].flow.ipv6 && !top[1].flow.ipv6);
+        assert_eq!(top[1].client, "10.0.0.1:40000");
     }
 
     #[test]

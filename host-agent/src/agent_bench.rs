@@ -111,9 +111,8 @@ pub fn run(flows: u32, ticks: u32, packets_per_tick: u32) -> Result<AgentBench, 
     cfg.emulated.new_flows_per_tick = 0;
     cfg.emulated.packets_per_tick = 0;
     cfg.max_tracked_flows = cfg.max_tracked_flows.max(flows as usize);
-    let backend = Backend::from_config(&cfg)?;
-    let Backend::InProcess(model) = &backend;
-    let model = model.clone();
+    let model = Backend::emulated_nic(&cfg)?;
+    let backend = Backend::InProcess(model.clone());
     let view = Arc::new(RwLock::new(View::default()));
     let metrics = LoopMetrics::register(&mut Registry::default(), view.clone());
     let mut agent = Agent::start(&cfg, backend, view.clone(), metrics)?;

@@ -14,10 +14,22 @@ pub enum DeviceSpec {
     /// The emulated NIC linked into the agent, running the embedded default image (or
     /// `emulated.nic_config`), fed by the agent's synthetic traffic source.
     InProcess,
-    /// The emulated NIC served by another process on this UNIX socket.
+    /// The emulated NIC served by another process on this UNIX socket
+    /// (`flowshard nic-sim --socket PATH`), fed by that process's traffic source.
     VfioUser(PathBuf),
-    /// A PCI function through kernel VFIO, by bus/device/function.
+    /// A PCI function through kernel VFIO, by its address `DDDD:BB:DD.F` (lower case,
+    /// as sysfs names it), fed by its links.
     Pci(String),
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::InProcess => f.write_str("in-process"),
+            DeviceSpec::VfioUser(p) => write!(f, "vfio-user:{}", p.display()),
+            DeviceSpec::Pci(b) => write!(f, "pci:{b}"),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for DeviceSpec {
@@ -27,8 +39,12 @@ impl<'de> Deserialize<'de> for DeviceSpec {
             Ok(DeviceSpec::InProcess)
         } else if let Some(p) = s.strip_prefix("vfio-user:").filter(|p| !p.is_empty()) {
             Ok(DeviceSpec::VfioUser(p.into()))
-        } else if let Some(b) = s.strip_prefix("pci:").filter(|b| !b.is_empty()) {
-            Ok(DeviceSpec::Pci(b.into()))
+        } else if let Some(b) = s.strip_prefix("pci:") {
+            // Checked here so a mistyped address is a config error (exit 64), not a
+            // failure to open a device that cannot exist.
+            crate::device::parse_pci_address(b)
+                .map(DeviceSpec::Pci)
+                .map_err(serde::de::Error::custom)
         } else {
             Err(serde::de::Error::custom(format!(
                 "device `{s}`: expected \"in-process\", \"vfio-user:PATH\" or \"pci:BDF\""
@@ -106,7 +122,8 @@ pub struct TelemetrySettings {
     pub snapshot_ms: u32,
 }
 
-/// The in-process emulated NIC and its synthetic traffic.
+/// The in-process emulated NIC and its synthetic traffic. With a separate device only
+/// the defaults are accepted: a value set here would have no effect, and silently.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmulatedSettings {
@@ -244,6 +261,15 @@ impl AgentConfig {
             );
         }
         let e = &self.emulated;
+        if self.device != DeviceSpec::InProcess && *e != EmulatedSettings::default() {
+            return bad(
+                "emulated",
+                format!(
+                    "set, but device is \"{}\": [emulated] configures the in-process NIC only; a separate NIC gets its traffic from its own source (e.g. `flowshard nic-sim --pcap`)",
+                    self.device
+                ),
+            );
+        }
         if e.flows == 0 || e.flows > hw_sim::generate::MAX_FLOWS / 2 {
             return bad(
                 "emulated.flows",
@@ -371,6 +397,12 @@ mod tests {
         assert!(err("tick_ms = \"fast\"").contains("invalid type: string \"fast\""));
         assert!(err("listen = \"localhost\"").contains("invalid socket address"));
         assert!(err("device = \"usb:1\"").contains("expected \"in-process\""));
+        assert!(err("device = \"pci:3:0.0\"").contains("not a PCI address"));
+        let e = err("device = \"vfio-user:/run/nic.sock\"\n[emulated]\nflows = 5");
+        assert!(
+            e.contains("`emulated`: set, but device is \"vfio-user:/run/nic.sock\""),
+            "{e}"
+        );
         assert!(err("tick_ms = 1").contains("`tick_ms`: 1 is outside 10..=60000"));
         assert!(err("tick_ms = 1000\ndown_after_ms = 1000").contains("`down_after_ms`"));
         assert!(err("token = \"short\"").contains("`token`: shorter than 16"));
@@ -392,6 +424,15 @@ mod tests {
             e.contains("`nodes[0].capacity_gbps`: -1 is not a positive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn separate_devices_are_parsed_and_pci_addresses_normalised() {
+        let c = parse("device = \"vfio-user:/run/nic.sock\"", Path::new("x")).unwrap();
+        assert_eq!(c.device, DeviceSpec::VfioUser("/run/nic.sock".into()));
+        let c = parse("device = \"pci:0000:AF:00.1\"", Path::new("x")).unwrap();
+        assert_eq!(c.device, DeviceSpec::Pci("0000:af:00.1".into()));
+        assert_eq!(c.device.to_string(), "pci:0000:af:00.1");
     }
 
     #[test]

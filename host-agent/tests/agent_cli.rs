@@ -40,9 +40,10 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
             "`nodes[0].capacity_gbps`",
         ),
         ("token = \"abc\"", "`token`: shorter than 16 characters"),
+        ("device = \"pci:3:0.0\"", "pci:3:0.0: not a PCI address"),
         (
-            "device = \"vfio-user:/run/nic.sock\"",
-            "no vfio-user transport yet",
+            "device = \"vfio-user:/run/nic.sock\"\n[emulated]\nflows = 5",
+            "[emulated] configures the in-process NIC only",
         ),
         (
             "[emulated]\nnic_config = \"/nonexistent/nic.toml\"",
@@ -61,6 +62,54 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
+
+#[test]
+fn a_separate_nic_that_is_not_there_is_named_with_how_to_start_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let (code, err) = agent_with(&format!("device = \"vfio-user:{}\"", socket.display()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("vfio-user:{}", socket.display()))
+            && err.contains("is `flowshard nic-sim --socket"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The kernel VFIO path, up to the kernel: a PCI function this machine lacks.
+    let (code, err) = agent_with("device = \"pci:0000:FE:1F.7\"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("pci:0000:fe:1f.7: no such PCI device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_agent_finding_the_nic_busy_with_another_client_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let mut sim = Command::new(BIN)
+        .arg("nic-sim")
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let held = flowshard::device::VfioUser::connect(&socket);
+    let (code, err) = agent_with(&format!("device = \"vfio-user:{}\"", socket.display()));
+    drop(held);
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no answer within 3 s") && err.contains("one client at a time"),
+        "{err}"
+    );
 }
 
 #[test]
