@@ -8,7 +8,7 @@ CARGO ?= cargo
 VENV ?= $(or $(FLOWSHARD_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/flowshard-venv)
 REGGEN = hdl-bindings/tools/gen.py
 
-.PHONY: setup build run test bench model regs regs-check
+.PHONY: replay setup build run test bench model regs regs-check
 
 setup:
 	bash scripts/setup.sh
@@ -18,7 +18,13 @@ build: setup
 
 # The main job: replay a real capture through the emulated NIC with the embedded
 # default configuration (4 nodes, 64 shards, 65,536 buckets), writing the decision log.
+# The main job: the embedded default scenario, every policy side by side.
 run: build
+	./target/release/flowshard simulate --plot target/simulate.svg
+	@echo "plot: target/simulate.svg"
+
+# One real capture through the emulated NIC, with its decision log.
+replay: build
 	./target/release/flowshard replay --pcap $(DEMO_PCAP) --decisions target/decisions.csv
 	@echo "decision log: target/decisions.csv"
 

@@ -347,7 +347,8 @@ impl Planner {
                     // Keep a node that is needed again before a new one could warm up,
                     // and (HPA's tolerance band, against flapping) unless the others
                     // would stay below the planned utilisation by the tolerance.
-                    let keep = |l: f64| (l / (f * (1.0 - self.cfg.tolerance / 2.0) * node_cap)).ceil() as usize;
+                    let keep =
+                        |l: f64| (l / (f * (1.0 - self.cfg.tolerance) * node_cap)).ceil() as usize;
                     let hold = (0..=w + 1).map(|i| keep(at(i))).max().unwrap_or(0);
                     (up, hold.max(keep(load)))
                 }

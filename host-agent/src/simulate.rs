@@ -1124,8 +1124,10 @@ fn hand_off(
     if picked.is_empty() {
         return Ok(0);
     }
-    let list: Vec<(nic_firmware::FlowTuple, u16)> =
-        picked.iter().map(|(i, to)| (flows[*i].tuple(), *to)).collect();
+    let list: Vec<(nic_firmware::FlowTuple, u16)> = picked
+        .iter()
+        .map(|(i, to)| (flows[*i].tuple(), *to))
+        .collect();
     let results = nic.hand_off_flows(&list)?;
     let mut accepted = 0;
     for ((i, to), r) in picked.iter().zip(results) {
@@ -1343,7 +1345,6 @@ fn run_policy(
                 }
                 if lambda > mu && lambda > 0.0 {
                     report.overload_seconds += dt;
-                    if std::env::var_os("SIMDEBUG").is_some() { eprintln!("{} t={} node={} util={:.2} power={:?} on={}", policy.as_str(), t, n, lambda / mu, p, planner.power().iter().filter(|p| **p == Power::Active).count()); }
                 }
             }
             let arriving = lambda * dt;
@@ -1826,13 +1827,25 @@ mod tests {
         let cases = [
             ("seed = 7\nbogus = 1\n", "bogus"),
             ("interval_s = 0\n", "interval_s"),
-            ("[planner]\ntarget_utilisation = 1.5\n", "target_utilisation"),
-            ("[[events]]\nat_hours = 1.0\nkind = \"fail\"\nnode = 99\n", "node 99"),
-            ("[[events]]\nat_hours = 1.0\nkind = \"explode\"\n", "explode"),
+            (
+                "[planner]\ntarget_utilisation = 1.5\n",
+                "target_utilisation",
+            ),
+            (
+                "[[events]]\nat_hours = 1.0\nkind = \"fail\"\nnode = 99\n",
+                "node 99",
+            ),
+            (
+                "[[events]]\nat_hours = 1.0\nkind = \"explode\"\n",
+                "explode",
+            ),
         ];
         for (change, needle) in cases {
             let mut text = DEFAULT_SCENARIO.to_string();
-            for line in change.lines().filter(|l| l.contains(" = ") && !l.starts_with("at_hours")) {
+            for line in change
+                .lines()
+                .filter(|l| l.contains(" = ") && !l.starts_with("at_hours"))
+            {
                 let key = line.split(" = ").next().unwrap();
                 // Replace the key where it stands, or add it.
                 if let Some(at) = text.find(&format!("\n{key} = ")) {
@@ -1903,7 +1916,10 @@ mod tests {
         assert!(r.handoffs_started > 0, "{r:?}");
         assert!(r.flows_moved_with_handoff > 0, "{r:?}");
         assert!(r.flows_moved_with_handoff <= r.handoffs_started, "{r:?}");
-        assert_eq!(r.handoff_state_bytes, r.handoffs_started * s.migration.state_bytes);
+        assert_eq!(
+            r.handoff_state_bytes,
+            r.handoffs_started * s.migration.state_bytes
+        );
         s.migration.hand_off = false;
         let sim = simulate(&s, &[Policy::Reactive], None, false).unwrap();
         let without = report(&sim, Policy::Reactive);
