@@ -281,6 +281,8 @@ impl Planner {
             let n = input.nodes.get(id).copied().unwrap_or_default();
             let new = match *p {
                 _ if n.silent && *p != Power::Failed && *p != Power::Off => Power::Failed,
+                // Static keeps every node on; the others start it again when needed.
+                Power::Failed if !n.silent && self.policy == Policy::Static => Power::Active,
                 Power::Failed if !n.silent => Power::Off,
                 Power::Warming { ready_tick } if input.tick >= ready_tick => Power::Active,
                 Power::Draining if n.flows == 0 => Power::Off,
@@ -472,9 +474,10 @@ impl Planner {
         // (or, predictive, are about to be) above the high mark, following their shards.
         out.hand_off_from = (0..next.len())
             .filter(|&i| {
-                next[i] == Power::Draining
-                    || (next[i] == Power::Active
-                        && expected(i) > self.cfg.high_utilisation * cap(i))
+                self.policy != Policy::Static
+                    && (next[i] == Power::Draining
+                        || (next[i] == Power::Active
+                            && expected(i) > self.cfg.high_utilisation * cap(i)))
             })
             .map(|i| i as u16)
             .collect();
@@ -745,7 +748,7 @@ mod tests {
         for n in &mut nodes[2..] {
             n.load = 0.0;
         }
-        // Measured 50 % now, but 400 pps forecast from tick 2 on: 6 nodes at 70 %.
+        // Measured 50 % now, but 400 pps forecast from tick 2 on: 5 nodes at 85 %.
         let upper = [100.0, 100.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0];
         let a = p.decide(&Inputs {
             tick: 0,
@@ -758,7 +761,7 @@ mod tests {
             .iter()
             .filter(|(_, s)| matches!(s, Power::Warming { .. }))
             .count();
-        assert_eq!(started, 4);
+        assert_eq!(started, 3);
         // The reactive policy sees nothing to do yet.
         let mut r = planner(Policy::Reactive, 2, 8);
         let a = r.decide(&Inputs {
@@ -811,6 +814,18 @@ mod tests {
         });
         assert_eq!(a.power, vec![(1, Power::Failed)]);
         assert!(a.moves.is_empty(), "static moves nothing");
+        nodes[1].silent = false;
+        let a = p.decide(&Inputs {
+            tick: 1,
+            nodes: &nodes,
+            ..Inputs::default()
+        });
+        assert_eq!(
+            a.power,
+            vec![(1, Power::Active)],
+            "static serves with every node"
+        );
+        nodes[1].silent = true;
         let mut r = planner(Policy::Reactive, 4, 4);
         let a = r.decide(&Inputs {
             tick: 0,

@@ -1879,6 +1879,7 @@ mod tests {
         // Static keeps all 8 nodes on for 24 h, but node 1 from its failure on.
         let st = report(&a, Policy::Static);
         assert!((st.node_hours - (8.0 * 24.0 - 14.0)).abs() < 0.5, "{st:?}");
+        assert_eq!(st.handoffs_started, 0);
         assert_eq!(st.migrations, 0);
         // The failed node's flows were remapped by the NIC on their next packet.
         assert!(st.flows_remapped_on_failure > 0, "{st:?}");
