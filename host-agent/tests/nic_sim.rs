@@ -376,7 +376,9 @@ fn replayed_captures_decide_as_flowshard_replay_and_split_per_node() {
 fn captured_pace_is_kept_and_scaled() {
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("slow.pcap");
-    write_capture(&cap, 10, 30, 1_000_000); // 300 packets over 0.3 s
+    // 300 packets over 1.5 s: long enough that process start-up on a loaded machine
+    // stays well below the paced replay's duration.
+    write_capture(&cap, 10, 30, 5_000_000);
     let cap_s = cap.to_str().unwrap();
     let timed = |args: &[&str]| {
         let t = std::time::Instant::now();
@@ -384,7 +386,7 @@ fn captured_pace_is_kept_and_scaled() {
         t.elapsed()
     };
     let paced = timed(&["nic-sim", "--pcap", cap_s, "--speed", "2"]);
-    assert!(paced >= std::time::Duration::from_millis(145), "{paced:?}");
+    assert!(paced >= std::time::Duration::from_millis(725), "{paced:?}");
     let fast = timed(&["nic-sim", "--pcap", cap_s, "--fast"]);
     assert!(fast < paced, "{fast:?} vs {paced:?}");
     let e = fails(&["nic-sim", "--pcap", cap_s, "--speed", "0"]);
