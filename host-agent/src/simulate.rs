@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use hdl_bindings::ring::{CmdDesc, Opcode, Status};
 use hw_sim::device::{DeviceOptions, NicDevice};
+use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_ipv4_frame};
 use nic_firmware::config::{NodeConfig, NodeState, Timeouts};
 use nic_firmware::pipeline::{Decision, Packet};
 use nic_firmware::{Class, LinkType, PipelineConfig, Verdict, ipproto};
@@ -613,51 +614,44 @@ struct SimFlow {
 }
 
 impl SimFlow {
+    /// The client's address and port: distinct for every flow id below 2^24 × 60,000.
+    fn client(&self) -> ([u8; 4], u16) {
+        let id = (self.id as u32).to_be_bytes();
+        (
+            [10, id[1], id[2], id[3]],
+            1024 + ((self.id >> 24) % 60_000) as u16,
+        )
+    }
+
+    /// The server's address: one per template.
+    fn server(&self) -> [u8; 4] {
+        [198, 18, (self.template >> 8) as u8, self.template as u8]
+    }
+
     /// The flow's frame: a minimal Ethernet/IPv4/TCP-or-UDP packet from its client.
-    fn frame(&self, flags: u8, buf: &mut [u8; 60]) {
-        buf.fill(0);
-        buf[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-        buf[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-        buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        let l4 = if self.proto == ipproto::TCP { 20 } else { 8 };
-        let ip = &mut buf[14..34];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&(20 + l4 as u16).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = self.proto;
-        ip[12] = 10;
-        ip[13..16].copy_from_slice(&(self.id as u32).to_be_bytes()[1..4]);
-        ip[16..20].copy_from_slice(&[198, 18, (self.template >> 8) as u8, self.template as u8]);
-        let sum = ip
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum::<u32>();
-        let sum = (sum & 0xffff) + (sum >> 16);
-        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        let sport = 1024 + ((self.id >> 24) % 60_000) as u16;
-        let l4b = &mut buf[34..34 + l4];
-        l4b[0..2].copy_from_slice(&sport.to_be_bytes());
-        l4b[2..4].copy_from_slice(&self.server_port.to_be_bytes());
-        if self.proto == ipproto::TCP {
-            l4b[12] = 0x50;
-            l4b[13] = flags;
-        } else {
-            l4b[4..6].copy_from_slice(&8u16.to_be_bytes());
-        }
+    fn frame(&self, flags: u8, buf: &mut [u8; FRAME_LEN]) {
+        let (src, sport) = self.client();
+        write_ipv4_frame(
+            src,
+            self.server(),
+            sport,
+            self.server_port,
+            self.proto,
+            flags,
+            buf,
+        );
     }
 
     fn tuple(&self) -> nic_firmware::FlowTuple {
-        let mut buf = [0u8; 60];
-        self.frame(0x10, &mut buf);
+        let (client, sport) = self.client();
         let mut src = [0u8; 16];
         let mut dst = [0u8; 16];
-        src[..4].copy_from_slice(&buf[26..30]);
-        dst[..4].copy_from_slice(&buf[30..34]);
+        src[..4].copy_from_slice(&client);
+        dst[..4].copy_from_slice(&self.server());
         nic_firmware::FlowTuple {
             src,
             dst,
-            sport: u16::from_be_bytes([buf[34], buf[35]]),
+            sport,
             dport: self.server_port,
             proto: self.proto,
             ipv6: false,
@@ -672,6 +666,8 @@ struct Traffic {
     rng: StdRng,
     templates: Templates,
     mix: Vec<ClassMix>,
+    /// Per class: offered load at the curve's peak, packets per second.
+    peak_load: Vec<f64>,
     /// Per class: flows per second per unit of load curve.
     arrivals_per_unit: Vec<f64>,
     /// Rate scale from a template's rate to a simulated flow's.
@@ -682,27 +678,31 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn new(s: &Scenario, templates: Templates) -> Result<Traffic, Error> {
+    fn new(s: &Scenario, templates: Templates) -> Traffic {
         let total_share: f64 = s.traffic.classes.iter().map(|c| c.share).sum();
         let capacity = s.nodes.capacity_pps * f64::from(s.nodes.count);
-        let peak = s.load.peak_fraction * capacity;
-        // Little's law per class: concurrent flows = load / mean rate; one global rate
-        // scale keeps the classes' real rate differences and gives `flows_at_peak`.
-        let unscaled: f64 = s
+        let peak_load: Vec<f64> = s
             .traffic
             .classes
             .iter()
-            .map(|c| peak * c.share / total_share / templates.mean_pps(c.class).max(1e-9))
-            .sum();
+            .map(|c| s.load.peak_fraction * capacity * c.share / total_share)
+            .collect();
+        let mean_pps: Vec<f64> = s
+            .traffic
+            .classes
+            .iter()
+            .map(|c| templates.mean_pps(c.class).max(1e-9))
+            .collect();
+        // Little's law per class: concurrent flows = load / mean rate; one global rate
+        // scale keeps the classes' real rate differences and gives `flows_at_peak`.
+        let unscaled: f64 = peak_load.iter().zip(&mean_pps).map(|(l, r)| l / r).sum();
         let scale = unscaled / f64::from(s.traffic.flows_at_peak);
         let arrivals_per_unit = s
             .traffic
             .classes
             .iter()
-            .map(|c| {
-                let load = peak * c.share / total_share;
-                load / (scale * templates.mean_pps(c.class).max(1e-9)) / c.mean_lifetime_s
-            })
+            .enumerate()
+            .map(|(k, c)| peak_load[k] / (scale * mean_pps[k]) / c.mean_lifetime_s)
             .collect();
         let lags = s
             .traffic
@@ -710,16 +710,17 @@ impl Traffic {
             .iter()
             .map(|c| (c.shift_hours * 3600.0 / f64::from(s.interval_s)).round() as i64)
             .collect();
-        Ok(Traffic {
+        Traffic {
             rng: StdRng::seed_from_u64(s.seed),
             templates,
             mix: s.traffic.classes.clone(),
+            peak_load,
             arrivals_per_unit,
             scale,
             max_pps: s.traffic.max_flow_share * s.nodes.capacity_pps,
             lags,
             next_id: 1,
-        })
+        }
     }
 
     /// Flows arriving during tick `t` (window-relative), `factor` per class from events.
@@ -770,13 +771,11 @@ impl Traffic {
         out
     }
 
-    /// Offered load of class `k` at tick `t` (for the forecaster's starting history).
+    /// Offered load of class `k` at tick `t` (for the forecaster's starting history):
+    /// arrivals × mean lifetime × mean rate, which Little's law makes the class's
+    /// peak load times the curve.
     fn expected_load(&self, curve: &Curve, k: usize, t: i64) -> f64 {
-        self.arrivals_per_unit[k]
-            * curve.at(t, self.lags[k])
-            * self.mix[k].mean_lifetime_s
-            * self.scale
-            * self.templates.mean_pps(self.mix[k].class)
+        self.peak_load[k] * curve.at(t, self.lags[k])
     }
 }
 
@@ -1151,7 +1150,7 @@ fn run_policy(
     let dt = f64::from(s.interval_s);
     let count = usize::from(s.nodes.count);
     let cap = s.nodes.capacity_pps;
-    let mut traffic = Traffic::new(s, templates.clone())?;
+    let mut traffic = Traffic::new(s, templates.clone());
     let first_load: f64 = (0..traffic.mix.len())
         .map(|k| traffic.expected_load(curve, k, -(warm as i64)))
         .sum();
@@ -1184,7 +1183,7 @@ fn run_policy(
     let mut hist = DelayHistogram::new();
     let mut trace = Vec::with_capacity(run);
     let mut flash: Vec<(usize, f64, f64, f64)> = Vec::new();
-    let mut frames: Vec<[u8; 60]> = Vec::new();
+    let mut frames: Vec<[u8; FRAME_LEN]> = Vec::new();
     let mut order: Vec<(u64, usize, u8)> = Vec::new();
     let mut decisions: Vec<Decision> = Vec::new();
     let mut node_load = vec![0.0; count];
@@ -1249,7 +1248,7 @@ fn run_policy(
         }
         order.sort_unstable();
         frames.clear();
-        frames.resize(order.len(), [0u8; 60]);
+        frames.resize(order.len(), [0u8; FRAME_LEN]);
         for (k, (_, i, flags)) in order.iter().enumerate() {
             flows[*i].frame(*flags, &mut frames[k]);
         }
@@ -1261,7 +1260,7 @@ fn run_policy(
                 .map(|((ts, _, _), d)| Packet {
                     ts_ns: *ts,
                     data: d,
-                    wire_len: 64,
+                    wire_len: WIRE_LEN,
                 })
                 .collect();
             let mut dev = model.lock().unwrap_or_else(|e| e.into_inner());
@@ -1276,7 +1275,7 @@ fn run_policy(
         class_load.iter_mut().for_each(|v| *v = 0.0);
         let mut dropped = 0.0;
         let mut offered = 0.0;
-        let groups = planner.groups().to_vec();
+        let groups = planner.groups();
         for ((_, i, _), d) in order.iter().zip(&decisions) {
             let f = &mut flows[*i];
             let overlap = (f.end_s.min(start_s + dt) - f.start_s.max(start_s)).max(0.0);

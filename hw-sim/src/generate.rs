@@ -21,20 +21,47 @@ pub const MAX_FLOWS: u32 = 1 << 24;
 
 /// Write flow `flow`'s frame into `buf` (at least [`FRAME_LEN`] bytes).
 pub fn write_frame(flow: u32, buf: &mut [u8]) {
+    let mut src = [0u8; 4];
+    src[0] = 10;
+    src[1..4].copy_from_slice(&flow.to_be_bytes()[1..4]);
+    write_ipv4_frame(
+        src,
+        [192, 0, 2, 1 + (flow % 250) as u8],
+        1024 + (flow % 60_000) as u16,
+        443,
+        IPPROTO_TCP,
+        0x10, // ACK
+        buf,
+    );
+}
+
+const IPPROTO_TCP: u8 = 6;
+
+/// Write a minimum-size Ethernet/IPv4 frame of a TCP (with `tcp_flags`) or UDP packet
+/// from `src:sport` to `dst:dport` into `buf` (at least [`FRAME_LEN`] bytes, padded).
+pub fn write_ipv4_frame(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    tcp_flags: u8,
+    buf: &mut [u8],
+) {
     let buf = &mut buf[..FRAME_LEN];
     buf.fill(0);
     buf[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
     buf[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
     buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let l4_len: u16 = if proto == IPPROTO_TCP { 20 } else { 8 };
     let ip = &mut buf[14..34];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
     ip[6] = 0x40; // DF
     ip[8] = 64;
-    ip[9] = 6;
-    ip[12] = 10;
-    ip[13..16].copy_from_slice(&flow.to_be_bytes()[1..4]);
-    ip[16..20].copy_from_slice(&[192, 0, 2, 1 + (flow % 250) as u8]);
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
     let sum = ip
         .chunks(2)
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
@@ -42,12 +69,16 @@ pub fn write_frame(flow: u32, buf: &mut [u8]) {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let tcp = &mut buf[34..54];
-    tcp[0..2].copy_from_slice(&(1024 + (flow % 60_000) as u16).to_be_bytes());
-    tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x10; // ACK
-    tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let l4 = &mut buf[34..34 + usize::from(l4_len)];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == IPPROTO_TCP {
+        l4[12] = 0x50;
+        l4[13] = tcp_flags;
+        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    } else {
+        l4[4..6].copy_from_slice(&l4_len.to_be_bytes());
+    }
 }
 
 /// Which flow each packet belongs to.
