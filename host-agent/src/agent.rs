@@ -503,10 +503,13 @@ impl Core {
             return;
         }
         for (id, n) in &mut self.nodes {
-            let has_shards = self.tables.shard_node.contains(id);
             let Some(p) = n.progress_ns else { continue };
             let idle = now.saturating_sub(p);
-            if n.state == NodeState::Active && has_shards && idle >= self.down_after_ns {
+            // The shard table is scanned last: only for an active node gone quiet.
+            if n.state == NodeState::Active
+                && idle >= self.down_after_ns
+                && self.tables.shard_node.contains(id)
+            {
                 n.state = NodeState::Down;
                 n.down_reason = Some(format!(
                     "no packet for {} ms of NIC time while the NIC forwarded traffic",
