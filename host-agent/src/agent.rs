@@ -279,6 +279,9 @@ pub struct Core {
     tables: Tables,
     nodes: BTreeMap<u16, Node>,
     shards: Vec<Traffic>,
+    /// Buckets per shard: the agent never changes the bucket table, so this is
+    /// counted once, when the tables are adopted.
+    buckets: Vec<u32>,
     classes: [Traffic; Class::COUNT + 1],
     device: Traffic,
     device_progress_ns: Option<u64>,
@@ -335,8 +338,15 @@ impl Core {
                 (n.id, node)
             })
             .collect();
+        let mut buckets = vec![0u32; tables.shard_node.len()];
+        for s in &tables.bucket_shard {
+            if let Some(b) = buckets.get_mut(usize::from(*s)) {
+                *b += 1;
+            }
+        }
         Core {
             shards: vec![Traffic::default(); tables.shard_node.len()],
+            buckets,
             tables,
             nodes,
             classes: Default::default(),
@@ -503,10 +513,13 @@ impl Core {
             return;
         }
         for (id, n) in &mut self.nodes {
-            let has_shards = self.tables.shard_node.contains(id);
             let Some(p) = n.progress_ns else { continue };
             let idle = now.saturating_sub(p);
-            if n.state == NodeState::Active && has_shards && idle >= self.down_after_ns {
+            // The shard table is scanned last: only for an active node gone quiet.
+            if n.state == NodeState::Active
+                && idle >= self.down_after_ns
+                && self.tables.shard_node.contains(id)
+            {
                 n.state = NodeState::Down;
                 n.down_reason = Some(format!(
                     "no packet for {} ms of NIC time while the NIC forwarded traffic",
@@ -731,12 +744,6 @@ impl Core {
         for n in &self.tables.shard_node {
             *shards_per_node.entry(*n).or_default() += 1;
         }
-        let mut buckets = vec![0u32; self.tables.shard_node.len()];
-        for s in &self.tables.bucket_shard {
-            if let Some(b) = buckets.get_mut(usize::from(*s)) {
-                *b += 1;
-            }
-        }
         View {
             nic_time_ns: self.snapshot_ns,
             tracked_flows: self.flows.len() as u64,
@@ -773,7 +780,7 @@ impl Core {
                 .map(|(i, node)| ShardView {
                     id: i as u16,
                     node: *node,
-                    buckets: buckets[i],
+                    buckets: self.buckets[i],
                     traffic: self.shards.get(i).copied().unwrap_or_default(),
                 })
                 .collect(),

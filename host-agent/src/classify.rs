@@ -8,6 +8,7 @@
 //! missing and how to get it.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nic_firmware::PipelineConfig;
@@ -179,19 +180,12 @@ pub fn run(pcap: &Path, model: Option<&Path>, json: bool) -> Result<(), Error> {
             text.push_str(&serde_json::to_string(&row).map_err(|e| Error::Usage(e.to_string()))?);
             text.push('\n');
         } else {
-            let endpoint = |ip: &str, port| {
-                if ip.contains(':') {
-                    format!("[{ip}]:{port}")
-                } else {
-                    format!("{ip}:{port}")
-                }
-            };
             let _ = writeln!(
                 text,
                 "{:<6} {:<45} {:<45} {:>8}  {:<10} {}",
                 row.proto,
-                endpoint(&row.src, row.sport),
-                endpoint(&row.dst, row.dport),
+                SocketAddr::new(f.client(), row.sport),
+                SocketAddr::new(f.server(), row.dport),
                 row.packets,
                 row.class,
                 row.confidence.map_or("-".into(), |c| format!("{c:.2}"))

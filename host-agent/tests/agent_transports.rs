@@ -25,9 +25,9 @@ use flowshard::driver::Nic;
 use flowshard::nic_sim::{Pace, Source, TrafficOptions, TrafficSummary};
 use hdl_bindings::ring::{CmdDesc, Opcode, Status};
 use hw_sim::capture::PcapWriter;
-use hw_sim::device::{DeviceOptions, NicDevice};
+use hw_sim::device::NicDevice;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
-use nic_firmware::{LinkType, PipelineConfig};
+use nic_firmware::LinkType;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowshard");
@@ -71,11 +71,6 @@ fn write_script(path: &Path) {
         w.write(1_000_000_000 + ts, &frame, WIRE_LEN).unwrap();
     }
     w.flush().unwrap();
-}
-
-fn default_image() -> Vec<u8> {
-    let img = hw_sim::image::build(&PipelineConfig::default(), 1).unwrap();
-    hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).unwrap()
 }
 
 /// The NIC under test with its traffic running, however it is reached.
@@ -123,9 +118,7 @@ impl Rig {
         let decisions = dir.path().join("decisions.csv");
         let nic = match transport {
             Transport::InProcess => {
-                let mut dev = NicDevice::new(DeviceOptions::default());
-                dev.preload(default_image()).unwrap();
-                let model = Arc::new(Mutex::new(dev));
+                let model = Backend::emulated_nic(&AgentConfig::default()).unwrap();
                 let stop = Arc::new(AtomicBool::new(false));
                 let opts = TrafficOptions {
                     source: Source::Pcap {
@@ -147,7 +140,7 @@ impl Rig {
             }
             Transport::VfioUser => {
                 let image = dir.path().join("nic.img");
-                std::fs::write(&image, default_image()).unwrap();
+                std::fs::write(&image, flowshard::nic_cmd::default_image().unwrap()).unwrap();
                 let socket = dir.path().join("nic.sock");
                 let sim = Command::new(BIN)
                     .arg("nic-sim")

@@ -15,13 +15,7 @@ fn flowshard(args: &[&str]) -> Output {
 }
 
 fn vic_elec() -> Option<PathBuf> {
-    let f = std::env::var_os("FLOWSHARD_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/flowshard-data")
-        })
-        .join("ts/vic_elec.csv");
+    let f = flowshard::profiler::data_dir().join("ts/vic_elec.csv");
     if f.is_file() {
         Some(f)
     } else {

@@ -9,22 +9,18 @@ use std::time::{Duration, Instant};
 
 use flowshard::agent::Backend;
 use flowshard::agent_config::{AgentConfig, Secret};
-use hw_sim::device::{DeviceOptions, NicDevice};
+use hw_sim::device::NicDevice;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
 use nic_firmware::config::NodeState;
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{LinkType, PipelineConfig, Verdict};
+use nic_firmware::{LinkType, Verdict};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token-0123456789";
 
 /// A NIC running the embedded default image: 4 nodes, 64 shards, 65,536 buckets.
 fn fresh_nic() -> Arc<Mutex<NicDevice>> {
-    let img = hw_sim::image::build(&PipelineConfig::default(), 1).unwrap();
-    let img = hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).unwrap();
-    let mut dev = NicDevice::new(DeviceOptions::default());
-    dev.preload(img).unwrap();
-    Arc::new(Mutex::new(dev))
+    Backend::emulated_nic(&AgentConfig::default()).unwrap()
 }
 
 /// An agent that offers no traffic of its own: the test does.

@@ -15,13 +15,7 @@ use nic_firmware::rss::{MS_RSS_KEY, toeplitz_reference};
 use nic_firmware::{LinkType, PipelineConfig};
 
 fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("FLOWSHARD_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/flowshard-data")
-        })
-        .join("ndpi/pcap");
+    let d = flowshard::profiler::data_dir().join("ndpi/pcap");
     if d.is_dir() {
         Some(d)
     } else {
