@@ -1009,10 +1009,7 @@ impl Backend {
     /// embedded default without it).
     pub fn emulated_nic(cfg: &AgentConfig) -> Result<Arc<Mutex<NicDevice>>, crate::Error> {
         let nic = crate::nic_config::load(cfg.emulated.nic_config.as_deref())?;
-        let img = hw_sim::image::build(&nic, 1)
-            .map_err(|e| crate::Error::Usage(format!("emulated.nic_config: {e}")))?;
-        let img = hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key())
-            .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;
+        let img = crate::nic_cmd::signed_image(&nic, "emulated.nic_config")?;
         let mut dev = NicDevice::new(hw_sim::device::DeviceOptions::default());
         dev.preload(img)
             .map_err(|e| crate::Error::Usage(format!("embedded image: {e}")))?;

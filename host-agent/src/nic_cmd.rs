@@ -20,10 +20,16 @@ use crate::{Error, nic_config};
 
 /// The embedded default configuration as an image signed with the development key.
 pub fn default_image() -> Result<Vec<u8>, Error> {
-    let img = hw_sim::image::build(&nic_firmware::PipelineConfig::default(), 1)
-        .map_err(|e| Error::Usage(e.to_string()))?;
+    signed_image(&nic_firmware::PipelineConfig::default(), "embedded default")
+}
+
+/// An image of `config` signed with the development key: what an emulated NIC boots
+/// when nobody flashed it. `source` names the configuration in errors.
+pub fn signed_image(config: &nic_firmware::PipelineConfig, source: &str) -> Result<Vec<u8>, Error> {
+    let img =
+        hw_sim::image::build(config, 1).map_err(|e| Error::Usage(format!("{source}: {e}")))?;
     hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).map_err(|error| Error::Image {
-        path: "embedded default".into(),
+        path: source.into(),
         error,
     })
 }
@@ -402,15 +408,7 @@ pub fn bench_ring(spec: Option<&str>, updates: u64, batch: u32) -> Result<RingBe
         None => {
             let dev = Arc::new(Mutex::new(NicDevice::new(DeviceOptions::default())));
             let mut nic = Nic::open(Box::new(InProcess::new(dev)) as Box<dyn Device>)?;
-            let img = hw_sim::image::build(&nic_firmware::PipelineConfig::default(), 1)
-                .map_err(|e| Error::Usage(e.to_string()))?;
-            let img =
-                hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).map_err(|error| {
-                    Error::Image {
-                        path: "embedded default".into(),
-                        error,
-                    }
-                })?;
+            let img = default_image()?;
             nic.flash(&img, 64 << 10, &mut |_, _| true)?;
             nic
         }

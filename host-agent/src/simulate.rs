@@ -1039,10 +1039,7 @@ fn boot_nic(s: &Scenario, on: usize) -> Result<(Arc<Mutex<NicDevice>>, Nic<InPro
             .collect(),
         ..PipelineConfig::default()
     };
-    let img =
-        hw_sim::image::build(&config, 1).map_err(|e| Error::Usage(format!("scenario: {e}")))?;
-    let img = hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key())
-        .map_err(|e| Error::Usage(format!("scenario image: {e}")))?;
+    let img = crate::nic_cmd::signed_image(&config, "scenario")?;
     let mut dev = NicDevice::new(DeviceOptions::default());
     dev.preload(img)
         .map_err(|e| Error::Usage(format!("scenario image: {e}")))?;
