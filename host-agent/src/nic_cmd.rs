@@ -197,11 +197,7 @@ pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), E
         }),
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| Error::Usage(e.to_string()))?
-        );
-        return Ok(());
+        return json_line(&report);
     }
     let c = &info.config;
     println!(
@@ -264,7 +260,7 @@ fn open(spec: &str) -> Result<Nic<Box<dyn Device>>, Error> {
     Ok(Nic::open(dev)?)
 }
 
-fn json_line(v: &impl Serialize) -> Result<(), Error> {
+pub(crate) fn json_line(v: &impl Serialize) -> Result<(), Error> {
     println!(
         "{}",
         serde_json::to_string(v).map_err(|e| Error::Usage(e.to_string()))?
@@ -402,16 +398,7 @@ pub fn bench_ring(spec: Option<&str>, updates: u64, batch: u32) -> Result<RingBe
         None => {
             let dev = Arc::new(Mutex::new(NicDevice::new(DeviceOptions::default())));
             let mut nic = Nic::open(Box::new(InProcess::new(dev)) as Box<dyn Device>)?;
-            let img = hw_sim::image::build(&nic_firmware::PipelineConfig::default(), 1)
-                .map_err(|e| Error::Usage(e.to_string()))?;
-            let img =
-                hw_sim::image::sign(&img, &hw_sim::image::dev_signing_key()).map_err(|error| {
-                    Error::Image {
-                        path: "embedded default".into(),
-                        error,
-                    }
-                })?;
-            nic.flash(&img, 64 << 10, &mut |_, _| true)?;
+            nic.flash(&default_image()?, 64 << 10, &mut |_, _| true)?;
             nic
         }
     };
