@@ -255,6 +255,26 @@ impl<D: Device> Nic<D> {
         }
     }
 
+    /// Allocate `len` bytes of host memory (`what` names it in an error) and map it
+    /// for the device at `iova`.
+    fn map_new(&mut self, iova: u64, len: usize, what: &str) -> Result<SharedMemory, NicError> {
+        let mem = SharedMemory::new(len).map_err(|source| {
+            self.err(DeviceError::Io {
+                op: format!("allocate {what}"),
+                source,
+            })
+        })?;
+        self.dev.dma_map(iova, &mem).map_err(|e| self.err(e))?;
+        Ok(mem)
+    }
+
+    /// Take `mem`, mapped at `iova`, away from the device.
+    fn unmap(&mut self, iova: u64, mem: &SharedMemory) -> Result<(), NicError> {
+        self.dev
+            .dma_unmap(iova, mem.len() as u64)
+            .map_err(|e| self.err(e))
+    }
+
     fn rd(&mut self, block: u32, reg: u32) -> Result<u32, NicError> {
         self.dev.read32(block + reg).map_err(|e| self.err(e))
     }
@@ -353,14 +373,10 @@ impl<D: Device> Nic<D> {
             ident::control::RESET.set(0, 1),
         )?;
         if let Some(ring) = self.cmd.take() {
-            self.dev
-                .dma_unmap(CMD_IOVA, ring.mem.len() as u64)
-                .map_err(|e| self.err(e))?;
+            self.unmap(CMD_IOVA, &ring.mem)?;
         }
         if let Some(ring) = self.telem.take() {
-            self.dev
-                .dma_unmap(TELEM_IOVA, ring.mem.len() as u64)
-                .map_err(|e| self.err(e))?;
+            self.unmap(TELEM_IOVA, &ring.mem)?;
         }
         Ok(())
     }
@@ -376,20 +392,9 @@ impl<D: Device> Nic<D> {
     ) -> Result<FlashReport, NicError> {
         let previous_version = self.rd(self.blocks.ident, ident::FW_VERSION)?;
         let chunk = chunk.clamp(4, 1 << 20);
-        let mem = SharedMemory::new(chunk).map_err(|source| {
-            self.err(DeviceError::Io {
-                op: "allocate flash buffer".into(),
-                source,
-            })
-        })?;
-        self.dev
-            .dma_map(FLASH_IOVA, &mem)
-            .map_err(|e| self.err(e))?;
+        let mem = self.map_new(FLASH_IOVA, chunk, "flash buffer")?;
         let result = self.flash_mapped(image, &mem, chunk, progress);
-        let unmapped = self
-            .dev
-            .dma_unmap(FLASH_IOVA, mem.len() as u64)
-            .map_err(|e| self.err(e));
+        let unmapped = self.unmap(FLASH_IOVA, &mem);
         result?;
         unmapped?;
         self.reset()?;
@@ -482,19 +487,17 @@ impl<D: Device> Nic<D> {
             )));
         }
         if let Some(old) = self.cmd.take() {
-            self.dev
-                .dma_unmap(CMD_IOVA, old.mem.len() as u64)
-                .map_err(|e| self.err(e))?;
+            self.unmap(CMD_IOVA, &old.mem)?;
         }
         let entries = 1u32 << log2;
-        let io = |op: &str, source| DeviceError::Io {
-            op: op.into(),
-            source,
-        };
-        let mem = SharedMemory::new(entries as usize * (CMD_DESC_LEN + COMPLETION_LEN))
-            .map_err(|s| self.err(io("allocate command ring", s)))?;
-        let irq = EventFd::new().map_err(|s| self.err(io("eventfd", s)))?;
-        self.dev.dma_map(CMD_IOVA, &mem).map_err(|e| self.err(e))?;
+        let irq = EventFd::new().map_err(|source| {
+            self.err(DeviceError::Io {
+                op: "eventfd".into(),
+                source,
+            })
+        })?;
+        let len = entries as usize * (CMD_DESC_LEN + COMPLETION_LEN);
+        let mem = self.map_new(CMD_IOVA, len, "command ring")?;
         self.dev.set_irq(IRQ_CMD, &irq).map_err(|e| self.err(e))?;
         let c = self.blocks.cmd;
         let cq = CMD_IOVA + u64::from(entries) * CMD_DESC_LEN as u64;
@@ -663,18 +666,13 @@ impl<D: Device> Nic<D> {
     fn list_buffer(&mut self, len: usize) -> Result<&SharedMemory, NicError> {
         if self.list.as_ref().is_none_or(|m| m.len() < len) {
             if let Some(old) = self.list.take() {
-                self.dev
-                    .dma_unmap(LIST_IOVA, old.len() as u64)
-                    .map_err(|e| self.err(e))?;
+                self.unmap(LIST_IOVA, &old)?;
             }
-            let mem =
-                SharedMemory::new(len.next_power_of_two().max(1 << 16)).map_err(|source| {
-                    self.err(DeviceError::Io {
-                        op: "allocate list buffer".into(),
-                        source,
-                    })
-                })?;
-            self.dev.dma_map(LIST_IOVA, &mem).map_err(|e| self.err(e))?;
+            let mem = self.map_new(
+                LIST_IOVA,
+                len.next_power_of_two().max(1 << 16),
+                "list buffer",
+            )?;
             self.list = Some(mem);
         }
         self.list
@@ -753,15 +751,7 @@ impl<D: Device> Nic<D> {
                 "device reports {buckets} buckets, {shards} shards, {nodes} node ids: no image running, or tables beyond {MAX_TABLE_BYTES} bytes"
             )));
         }
-        let mem = SharedMemory::new(total).map_err(|source| {
-            self.err(DeviceError::Io {
-                op: "allocate table buffer".into(),
-                source,
-            })
-        })?;
-        self.dev
-            .dma_map(TABLES_IOVA, &mem)
-            .map_err(|e| self.err(e))?;
+        let mem = self.map_new(TABLES_IOVA, total, "table buffer")?;
         let at = [0, lens[0], lens[0] + lens[1]].map(|o| TABLES_IOVA + o as u64);
         let batch = [
             CmdDesc::read_table(Table::BucketShard, at[0]),
@@ -769,10 +759,7 @@ impl<D: Device> Nic<D> {
             CmdDesc::read_table(Table::Nodes, at[2]),
         ];
         let result = self.submit(&batch);
-        let unmapped = self
-            .dev
-            .dma_unmap(TABLES_IOVA, mem.len() as u64)
-            .map_err(|e| self.err(e));
+        let unmapped = self.unmap(TABLES_IOVA, &mem);
         let statuses = result?;
         unmapped?;
         if let Some(s) = statuses.iter().find(|s| **s != Status::Ok) {
@@ -825,20 +812,14 @@ impl<D: Device> Nic<D> {
             )));
         }
         if let Some(old) = self.telem.take() {
-            self.dev
-                .dma_unmap(TELEM_IOVA, old.mem.len() as u64)
-                .map_err(|e| self.err(e))?;
+            self.unmap(TELEM_IOVA, &old.mem)?;
         }
         let entries = 1u32 << log2;
-        let mem = SharedMemory::new(entries as usize * TELEMETRY_ENTRY_LEN).map_err(|source| {
-            self.err(DeviceError::Io {
-                op: "allocate telemetry ring".into(),
-                source,
-            })
-        })?;
-        self.dev
-            .dma_map(TELEM_IOVA, &mem)
-            .map_err(|e| self.err(e))?;
+        let mem = self.map_new(
+            TELEM_IOVA,
+            entries as usize * TELEMETRY_ENTRY_LEN,
+            "telemetry ring",
+        )?;
         self.dev
             .set_irq(IRQ_TELEMETRY, irq)
             .map_err(|e| self.err(e))?;

@@ -203,11 +203,7 @@ pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), E
         }),
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| Error::Usage(e.to_string()))?
-        );
-        return Ok(());
+        return json_line(&report);
     }
     let c = &info.config;
     println!(
@@ -270,7 +266,7 @@ fn open(spec: &str) -> Result<Nic<Box<dyn Device>>, Error> {
     Ok(Nic::open(dev)?)
 }
 
-fn json_line(v: &impl Serialize) -> Result<(), Error> {
+pub(crate) fn json_line(v: &impl Serialize) -> Result<(), Error> {
     println!(
         "{}",
         serde_json::to_string(v).map_err(|e| Error::Usage(e.to_string()))?
@@ -408,8 +404,7 @@ pub fn bench_ring(spec: Option<&str>, updates: u64, batch: u32) -> Result<RingBe
         None => {
             let dev = Arc::new(Mutex::new(NicDevice::new(DeviceOptions::default())));
             let mut nic = Nic::open(Box::new(InProcess::new(dev)) as Box<dyn Device>)?;
-            let img = default_image()?;
-            nic.flash(&img, 64 << 10, &mut |_, _| true)?;
+            nic.flash(&default_image()?, 64 << 10, &mut |_, _| true)?;
             nic
         }
     };

@@ -26,7 +26,7 @@ use nic_firmware::{LinkType, Verdict};
 use serde::Serialize;
 
 use crate::Error;
-use crate::nic_cmd::{read_file, trusted_key};
+use crate::nic_cmd::{json_line, read_file, trusted_key};
 use crate::replay::{DECISIONS_HEADER, write_row};
 
 /// Packets handed to the device at once.
@@ -469,11 +469,7 @@ pub struct NicSimOptions {
 
 fn print_summary(s: &TrafficSummary, json: bool) -> Result<(), Error> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(s).map_err(|e| Error::Usage(e.to_string()))?
-        );
-        return Ok(());
+        return json_line(s);
     }
     println!(
         "nic-sim: {} packets ({} forwarded) in {} round(s), {} flows, NIC time {} ns",

@@ -19,13 +19,17 @@ struct Sim {
 
 impl Sim {
     fn start(dir: &Path, args: &[&str]) -> Sim {
-        let socket = dir.join("nic.sock");
+        Sim::spawn(dir.join("nic.sock"), args, Stdio::null())
+    }
+
+    /// `flowshard nic-sim --socket SOCKET ARGS`, once the socket is there (or 5 s on).
+    fn spawn(socket: PathBuf, args: &[&str], stderr: Stdio) -> Sim {
         let child = Command::new(BIN)
             .arg("nic-sim")
             .arg("--socket")
             .arg(&socket)
             .args(args)
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         for _ in 0..500 {
@@ -517,23 +521,11 @@ fn live_capture_on_loopback_sees_sent_packets() {
 /// `flowshard nic-sim --flash-dir FLASH` on a socket of its own (a restarted emulator
 /// must not be mistaken for the one killed), its log in `log`.
 fn start_with_flash(dir: &Path, run: u32, flash: &Path, log: &Path) -> Sim {
-    let socket = dir.join(format!("nic-{run}.sock"));
-    let child = Command::new(BIN)
-        .arg("nic-sim")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--flash-dir")
-        .arg(flash)
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Sim { child, socket }
+    Sim::spawn(
+        dir.join(format!("nic-{run}.sock")),
+        &["--flash-dir", flash.to_str().unwrap()],
+        std::fs::File::create(log).unwrap().into(),
+    )
 }
 
 fn kill(mut sim: Sim) {

@@ -735,16 +735,13 @@ impl NicDevice {
         let Slot::Valid { image, .. } = &self.slots[slot] else {
             return false;
         };
-        let Ok(info) = image::verify(image, Some(&self.opts.trusted_key)) else {
+        let Ok((info, tables)) = image::verify_with_tables(image, Some(&self.opts.trusted_key))
+        else {
             return false;
         };
         if memory_needed(&info.config) > self.opts.memory_bytes {
             return false;
         }
-        // Verified above, so the tables read and fit the image's N.
-        let Ok(tables) = image::classifier_tables(image) else {
-            return false;
-        };
         match Pipeline::new(&info.config) {
             Ok(mut p) => {
                 if p.load_classifier(tables).is_err() {

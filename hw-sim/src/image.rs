@@ -220,6 +220,15 @@ fn check_integrity(image: &[u8]) -> Result<ImageView<'_>, ImageError> {
 /// signature against `trusted` (`None`: not checked, as `image inspect` does) and every
 /// configuration value.
 pub fn verify(image: &[u8], trusted: Option<&VerifyingKey>) -> Result<ImageInfo, ImageError> {
+    verify_with_tables(image, trusted).map(|(info, _)| info)
+}
+
+/// [`verify`], handing back the classifier tables the image carries (`None` if it has
+/// none) as well, so a device booting the image reads them once.
+pub fn verify_with_tables(
+    image: &[u8],
+    trusted: Option<&VerifyingKey>,
+) -> Result<(ImageInfo, Option<ClassifierTables>), ImageError> {
     let view = check_integrity(image)?;
     if let Some(key) = trusted {
         let block = view.signature.ok_or(ImageError::MissingSignature)?;
@@ -237,8 +246,8 @@ pub fn verify(image: &[u8], trusted: Option<&VerifyingKey>) -> Result<ImageInfo,
             .map_err(|_| ImageError::BadSignature)?;
     }
     let config = decode(&view)?;
-    let classifier = tables_of(&view, &config)?.map(|t| t.sizes());
-    Ok(ImageInfo {
+    let tables = tables_of(&view, &config)?;
+    let info = ImageInfo {
         image_version: view.header.image_version.get(),
         format_major: view.header.format_major.get(),
         format_minor: view.header.format_minor.get(),
@@ -246,14 +255,9 @@ pub fn verify(image: &[u8], trusted: Option<&VerifyingKey>) -> Result<ImageInfo,
         payload_crc: view.header.payload_crc.get(),
         signer: view.signature.map(|s| s.key_id),
         config,
-        classifier,
-    })
-}
-
-/// The classifier tables of an image [`verify`] accepted (`None` if it has none).
-pub fn classifier_tables(image: &[u8]) -> Result<Option<ClassifierTables>, ImageError> {
-    let view = ImageView::parse(image)?;
-    tables_of(&view, &decode(&view)?)
+        classifier: tables.as_ref().map(ClassifierTables::sizes),
+    };
+    Ok((info, tables))
 }
 
 /// Read an image's classifier section: tables that are not well formed, or whose N is
@@ -443,10 +447,15 @@ mod tests {
         let info = verify(&img, Some(&key)).unwrap();
         assert_eq!(info.classifier, Some(tables.sizes()));
         assert_eq!((info.format_major, info.format_minor), (1, 1));
-        let back = classifier_tables(&img).unwrap().unwrap();
+        let back = verify_with_tables(&img, Some(&key)).unwrap().1.unwrap();
         assert_eq!(back.to_bytes(), tables.to_bytes());
         assert_eq!(verify(&image(), Some(&key)).unwrap().classifier, None);
-        assert!(classifier_tables(&image()).unwrap().is_none());
+        assert!(
+            verify_with_tables(&image(), Some(&key))
+                .unwrap()
+                .1
+                .is_none()
+        );
         // Tables for another N are refused when building and when flashing.
         let e = build_with(&config, 5, Some(&port_tables(4))).unwrap_err();
         assert_eq!(

@@ -454,13 +454,7 @@ impl Pipeline {
 
     /// Point a shard at another node; established flows keep their node.
     pub fn set_shard_node(&mut self, shard: u16, node: u16) -> Result<(), ConfigError> {
-        if self
-            .node_state
-            .get(node as usize)
-            .copied()
-            .flatten()
-            .is_none()
-        {
+        if !self.node_defined(node) {
             return Err(ConfigError::Invalid {
                 key: "shard.node",
                 why: "no such node",
@@ -518,10 +512,8 @@ impl Pipeline {
     /// class. Returns false, counted, when the flow has already ended.
     pub fn set_flow_class(&mut self, tuple: &FlowTuple, class: Class) -> bool {
         let (key, _) = FlowKey::from_tuple(tuple);
-        let probe = self.table.probe(&key);
         let found = self
-            .table
-            .find(&key, &probe)
+            .flow_slot(&key)
             .and_then(|slot| self.table.entry_mut(slot));
         let Some(e) = found else {
             self.counters.class_pushes_missed += 1;

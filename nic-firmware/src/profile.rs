@@ -248,6 +248,18 @@ pub struct ClassifierTables {
     sizes: TableSizes,
 }
 
+/// Where each tree's leaf-set words start among all trees' (and the total last).
+fn tree_offsets(tree_words: &[u16]) -> Vec<usize> {
+    let mut offsets = Vec::with_capacity(tree_words.len() + 1);
+    let mut at = 0;
+    for w in tree_words {
+        offsets.push(at);
+        at += usize::from(*w);
+    }
+    offsets.push(at);
+    offsets
+}
+
 /// One leaf's box: per feature the interval of the tree's own split points it covers,
 /// as `(lo, hi]` bounds given by point indices (`None` = unbounded).
 type Bounds = Vec<(Option<u32>, Option<u32>)>;
@@ -356,19 +368,12 @@ impl ClassifierTables {
             });
         }
         sizes.bytes += vectors.len() * 8 + scores.len() * Class::COUNT * 2;
-        let mut tree_offsets = Vec::with_capacity(tree_words.len() + 1);
-        let mut at = 0;
-        for w in &tree_words {
-            tree_offsets.push(at);
-            at += usize::from(*w);
-        }
-        tree_offsets.push(at);
         Ok(ClassifierTables {
             packets: forest.packets,
+            tree_offsets: tree_offsets(&tree_words),
             ranges,
             tree_leaf_base,
             tree_words,
-            tree_offsets,
             vectors,
             scores,
             sizes,
@@ -757,19 +762,12 @@ impl ClassifierTables {
             return r.fail("bytes after the tables");
         }
         sizes.bytes += vectors.len() * 8 + scores.len() * Class::COUNT * 2;
-        let mut tree_offsets = Vec::with_capacity(trees + 1);
-        let mut at = 0;
-        for w in &tree_words {
-            tree_offsets.push(at);
-            at += usize::from(*w);
-        }
-        tree_offsets.push(at);
         Ok(ClassifierTables {
             packets,
+            tree_offsets: tree_offsets(&tree_words),
             ranges,
             tree_leaf_base,
             tree_words,
-            tree_offsets,
             vectors,
             scores,
             sizes,

@@ -15,7 +15,7 @@ use hw_sim::dma::EventFd;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
 use hw_sim::image::{build, build_with, dev_signing_key, sign};
 use nic_firmware::pipeline::{Decision, Packet};
-use nic_firmware::{Class, FlowTuple, LinkType, PipelineConfig};
+use nic_firmware::{Class, FlowTuple, LinkType, Pipeline, PipelineConfig};
 
 /// A device model and a way to reach it.
 struct Rig {
@@ -27,6 +27,11 @@ struct Rig {
 impl Rig {
     fn open(&self) -> Nic<Box<dyn Device>> {
         Nic::open((self.connect)()).unwrap()
+    }
+
+    /// Look at the running data plane, with the model locked.
+    fn pipeline<T>(&self, f: impl FnOnce(&Pipeline) -> T) -> T {
+        f(self.model.lock().unwrap().pipeline().unwrap())
     }
 
     /// Offer one packet of each of `flows` flows at time `ts_ns`.
@@ -366,14 +371,7 @@ fn command_batches_apply_whole_or_not_at_all() {
         flash(&mut nic, &image(1, &PipelineConfig::default())).unwrap();
         nic.submit(&nop).unwrap_err(); // a reset tears the ring down
         nic.setup_commands(7).unwrap();
-        let shards_before = rig
-            .model
-            .lock()
-            .unwrap()
-            .pipeline()
-            .unwrap()
-            .shard_table()
-            .to_vec();
+        let shards_before = rig.pipeline(|p| p.shard_table().to_vec());
         // Move every shard to node 0, but the last descriptor names a missing node.
         let mut batch: Vec<CmdDesc> = (0..64)
             .map(|s| CmdDesc::new(Opcode::SetShardNode, s, 0))
@@ -382,14 +380,7 @@ fn command_batches_apply_whole_or_not_at_all() {
         let statuses = nic.submit(&batch).unwrap();
         assert_eq!(statuses[64], Status::BadArgument);
         assert!(statuses[..64].iter().all(|s| *s == Status::Aborted));
-        let shards_after = rig
-            .model
-            .lock()
-            .unwrap()
-            .pipeline()
-            .unwrap()
-            .shard_table()
-            .to_vec();
+        let shards_after = rig.pipeline(|p| p.shard_table().to_vec());
         assert_eq!(
             shards_before, shards_after,
             "nothing of a failed batch applies"
@@ -400,16 +391,7 @@ fn command_batches_apply_whole_or_not_at_all() {
         // The same batch without the bad descriptor applies in one epoch.
         batch.pop();
         assert!(nic.submit(&batch).unwrap().iter().all(|s| *s == Status::Ok));
-        assert!(
-            rig.model
-                .lock()
-                .unwrap()
-                .pipeline()
-                .unwrap()
-                .shard_table()
-                .iter()
-                .all(|n| *n == 0)
-        );
+        assert!(rig.pipeline(|p| p.shard_table().iter().all(|n| *n == 0)));
         for d in rig.traffic(1_000..1_500, 2_000) {
             assert_eq!(d.node, 0, "new flows follow the committed batch");
         }
@@ -422,10 +404,7 @@ fn command_batches_apply_whole_or_not_at_all() {
             ])
             .unwrap();
         assert!(st.iter().all(|s| *s == Status::Ok), "{st:?}");
-        assert_eq!(
-            rig.model.lock().unwrap().pipeline().unwrap().bucket_table()[5],
-            63
-        );
+        assert_eq!(rig.pipeline(|p| p.bucket_table()[5]), 63);
         let bad = CmdDesc {
             opcode: 77.into(),
             ..CmdDesc::default()
@@ -532,10 +511,7 @@ fn flow_handoffs_pins_and_classes_travel_the_ring_as_lists() {
         let results = nic.hand_off_flows(&list).unwrap();
         assert!(results[..100].iter().all(|r| *r == FlowResult::Applied));
         assert_eq!(results[100], FlowResult::NoSuchFlow);
-        let pending = |rig: &Rig| {
-            let m = rig.model.lock().unwrap();
-            m.pipeline().unwrap().pending_hand_offs()
-        };
+        let pending = |rig: &Rig| rig.pipeline(Pipeline::pending_hand_offs);
         assert_eq!(pending(rig), 100);
         // Inside the flowlet (100 µs later) nothing moves; after the gap, exactly the
         // handed-off flows do.
@@ -586,15 +562,14 @@ fn flow_handoffs_pins_and_classes_travel_the_ring_as_lists() {
             (0..50).map(|f| (tuple_of(f), Class::Video)).collect();
         let r = nic.push_flow_classes(&classes).unwrap();
         assert!(r.iter().all(|r| *r == FlowResult::Applied));
-        {
-            let m = rig.model.lock().unwrap();
-            let c = m.pipeline().unwrap().counters();
+        rig.pipeline(|p| {
+            let c = p.counters();
             assert_eq!(c.classes[Class::Video as usize].flows, 50);
             assert_eq!(
                 (c.flows_handed_off, c.flows_pinned, c.class_pushes),
                 (100, 1, 50)
             );
-        }
+        });
         assert_eq!(nic.hand_off_flows(&[]).unwrap(), []);
         let s = nic.status().unwrap();
         assert_eq!(s.command_ring.errors, 1);
@@ -610,22 +585,12 @@ fn classifier_tables_load_and_clear_through_the_ring() {
         let tables = flowshard::profiler::nic_tables(None).unwrap();
         assert_eq!(tables.packets(), PipelineConfig::default().feature_packets);
         nic.load_classifier(Some(&tables)).unwrap();
-        {
-            let m = rig.model.lock().unwrap();
-            let loaded = m.pipeline().unwrap().classifier().unwrap();
-            assert_eq!(loaded.to_bytes(), tables.to_bytes());
-        }
+        let loaded = rig.pipeline(|p| p.classifier().unwrap().to_bytes());
+        assert_eq!(loaded, tables.to_bytes());
         for i in 0..8 {
             rig.traffic(0..10, 1_000 + i * 1_000);
         }
-        let on_nic = rig
-            .model
-            .lock()
-            .unwrap()
-            .pipeline()
-            .unwrap()
-            .counters()
-            .flows_classified_on_nic;
+        let on_nic = rig.pipeline(|p| p.counters().flows_classified_on_nic);
         assert_eq!(on_nic, 10, "every flow classified on the NIC at packet N");
         // Tables for another N are refused; the loaded ones stay.
         let other = nic_firmware::profile::ClassifierTables::from_bytes(&{
@@ -645,25 +610,9 @@ fn classifier_tables_load_and_clear_through_the_ring() {
             ),
             "{e}"
         );
-        assert!(
-            rig.model
-                .lock()
-                .unwrap()
-                .pipeline()
-                .unwrap()
-                .classifier()
-                .is_some()
-        );
+        assert!(rig.pipeline(|p| p.classifier().is_some()));
         nic.load_classifier(None).unwrap();
-        assert!(
-            rig.model
-                .lock()
-                .unwrap()
-                .pipeline()
-                .unwrap()
-                .classifier()
-                .is_none()
-        );
+        assert!(rig.pipeline(|p| p.classifier().is_none()));
     });
 }
 
@@ -680,22 +629,12 @@ fn an_image_carries_classifier_tables_and_a_corrupt_section_changes_nothing() {
         .unwrap();
         let report = nic.flash(&with, 64 << 10, &mut |_, _| true).unwrap();
         assert_eq!(report.image_version, 2);
-        {
-            let m = rig.model.lock().unwrap();
-            let loaded = m.pipeline().unwrap().classifier().unwrap();
-            assert_eq!(
-                loaded.to_bytes(),
-                tables.to_bytes(),
-                "booted with the image's tables"
-            );
-        }
+        let loaded = rig.pipeline(|p| p.classifier().unwrap().to_bytes());
+        assert_eq!(loaded, tables.to_bytes(), "booted with the image's tables");
         for i in 0..8 {
             rig.traffic(0..5, 1_000 + i * 1_000);
         }
-        let on_nic = |rig: &Rig| {
-            let m = rig.model.lock().unwrap();
-            m.pipeline().unwrap().counters().flows_classified_on_nic
-        };
+        let on_nic = |rig: &Rig| rig.pipeline(|p| p.counters().flows_classified_on_nic);
         assert_eq!(on_nic(rig), 5);
         let before = nic.status().unwrap();
         // Damage the tables' header, then make both CRCs and the signature right: only
@@ -734,15 +673,7 @@ fn an_image_carries_classifier_tables_and_a_corrupt_section_changes_nothing() {
                 ),
                 "{what}: the device changed"
             );
-            assert!(
-                rig.model
-                    .lock()
-                    .unwrap()
-                    .pipeline()
-                    .unwrap()
-                    .classifier()
-                    .is_some()
-            );
+            assert!(rig.pipeline(|p| p.classifier().is_some()));
         }
         // The message a user sees names the problem and says nothing changed.
         let e = NicError::Rejected {
