@@ -1560,7 +1560,7 @@ impl Simulation {
         );
         let _ = write!(out, "{:<28}", "");
         for r in &self.runs {
-            let _ = write!(out, "{:>13}", r.policy.as_str());
+            let _ = write!(out, " {:>14}", r.policy.as_str());
         }
         out.push('\n');
         type Cell = fn(&PolicyReport) -> String;
@@ -1594,7 +1594,7 @@ impl Simulation {
         for (name, cell) in rows {
             let _ = write!(out, "{name:<28}");
             for r in &self.runs {
-                let _ = write!(out, "{:>13}", cell(&r.report));
+                let _ = write!(out, " {:>14}", cell(&r.report));
             }
             out.push('\n');
         }
