@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
             load: 1.0e6 * 0.8,
             capacity: 1.0e6,
             flows: 1000,
-            silent: false,
+            ..NodeInput::default()
         })
         .collect();
     let upper = vec![1.0e6 * 64.0 * 0.9; 16];

@@ -74,6 +74,12 @@ pub struct PlannerConfig {
     pub imbalance_tolerance: f64,
     pub min_active: usize,
     pub max_active: usize,
+    /// A node whose packets wait longer than this (ms) while its offered load is
+    /// below the high mark is degraded: it serves less than its stated capacity.
+    pub degraded_delay_ms: f64,
+    /// A node that drops more than this share of its packets while its offered load
+    /// is below the high mark is degraded too.
+    pub degraded_drop_rate: f64,
     /// Record what would be done without doing it.
     pub observe_only: bool,
 }
@@ -92,6 +98,8 @@ impl Default for PlannerConfig {
             imbalance_tolerance: 0.15,
             min_active: 1,
             max_active: usize::MAX,
+            degraded_delay_ms: 20.0,
+            degraded_drop_rate: 0.001,
             observe_only: false,
         }
     }
@@ -120,6 +128,18 @@ impl PlannerConfig {
             return Err(format!(
                 "planner.imbalance_tolerance must be a number ≥ 0, got {}",
                 self.imbalance_tolerance
+            ));
+        }
+        if !(self.degraded_delay_ms > 0.0 && self.degraded_delay_ms.is_finite()) {
+            return Err(format!(
+                "planner.degraded_delay_ms must be a number > 0, got {}",
+                self.degraded_delay_ms
+            ));
+        }
+        if !(self.degraded_drop_rate > 0.0 && self.degraded_drop_rate <= 1.0) {
+            return Err(format!(
+                "planner.degraded_drop_rate must lie in (0, 1], got {}",
+                self.degraded_drop_rate
             ));
         }
         if self.high_utilisation < self.target_utilisation {
@@ -172,6 +192,10 @@ pub struct NodeInput {
     pub flows: u64,
     /// It did not answer this tick.
     pub silent: bool,
+    /// Queueing delay its packets meet at the end of the tick, ms.
+    pub delay_ms: f64,
+    /// Share of the packets offered to it over the tick that it dropped.
+    pub drop_rate: f64,
 }
 
 /// One tick's inputs.
@@ -231,7 +255,17 @@ pub struct Planner {
     groups: Vec<u8>,
     /// Desired counts of recent ticks, newest last (the scale-down window).
     desired: std::collections::VecDeque<usize>,
+    /// Per node, the share of its stated capacity the planner counts on: halved each
+    /// tick it is degraded, doubled back (up to 1) after each `scale_down_window`
+    /// clean ticks — multiplicative decrease, slow recovery, so a sick node neither
+    /// keeps its load nor flaps.
+    derate: Vec<f64>,
+    /// Per node, clean ticks since its derating last changed.
+    clean_ticks: Vec<usize>,
 }
+
+/// The least share of its capacity a degraded node is counted for.
+const MIN_DERATE: f64 = 0.125;
 
 impl Planner {
     /// Start from the NIC's shard table and node states (`power`, indexed by node id).
@@ -242,6 +276,7 @@ impl Planner {
         power: Vec<Power>,
         shard_node: Vec<u16>,
     ) -> Planner {
+        let nodes = power.len();
         Planner {
             policy,
             cfg,
@@ -250,6 +285,8 @@ impl Planner {
             shard_node,
             groups: vec![1; Class::COUNT],
             desired: std::collections::VecDeque::new(),
+            derate: vec![1.0; nodes],
+            clean_ticks: vec![0; nodes],
         }
     }
 
@@ -269,12 +306,19 @@ impl Planner {
         &self.groups
     }
 
+    /// Per node, the share of its stated capacity planned with (below 1 after it was
+    /// found degraded).
+    pub fn derate(&self) -> &[f64] {
+        &self.derate
+    }
+
     /// Decide one tick. Unless observe-only, the planner's own view (power, shard table,
     /// groups) moves to the decision: the caller applies it in one batch.
     pub fn decide(&mut self, input: &Inputs<'_>) -> Actions {
         let mut next = self.power.clone();
         let mut out = Actions::default();
-        let cap = |id: usize| input.nodes.get(id).map_or(0.0, |n| n.capacity);
+        let derate = self.degradation(input, &mut out);
+        let cap = |id: usize| input.nodes.get(id).map_or(0.0, |n| n.capacity) * derate[id];
         let load_of = |id: usize| input.nodes.get(id).map_or(0.0, |n| n.load);
         // Failures and recoveries, warm-ups done, drains finished.
         for (id, p) in next.iter_mut().enumerate() {
@@ -482,6 +526,7 @@ impl Planner {
             .map(|i| i as u16)
             .collect();
         if !self.cfg.observe_only {
+            self.derate = derate;
             self.power = next;
             self.shard_node = table;
             for (c, g) in &out.groups {
@@ -489,6 +534,51 @@ impl Planner {
             }
         }
         out
+    }
+}
+
+impl Planner {
+    /// The degradation trigger: per node, the capacity share to plan with this tick.
+    /// A node is degraded when its packets queue or drop past the configured marks
+    /// while its offered load is below the high mark — load does not explain it, so
+    /// the node serves less than it states. Its planned capacity halves, which makes
+    /// it hot: placement sheds its shards and its long-lived flows are handed off.
+    fn degradation(&mut self, input: &Inputs<'_>, out: &mut Actions) -> Vec<f64> {
+        let mut derate = self.derate.clone();
+        derate.resize(self.power.len(), 1.0);
+        self.clean_ticks.resize(self.power.len(), 0);
+        if self.policy == Policy::Static {
+            return derate;
+        }
+        for (id, d) in derate.iter_mut().enumerate() {
+            let Some(n) = input.nodes.get(id) else {
+                continue;
+            };
+            let degraded = self.power[id] == Power::Active
+                && !n.silent
+                && n.load <= self.cfg.high_utilisation * n.capacity * *d
+                && (n.delay_ms > self.cfg.degraded_delay_ms
+                    || n.drop_rate > self.cfg.degraded_drop_rate);
+            if degraded {
+                *d = (*d * 0.5).max(MIN_DERATE);
+                self.clean_ticks[id] = 0;
+                out.reasons.push(format!(
+                    "node {id} degraded: {:.1} ms queueing, {:.2} % dropped at {:.0} % of its \
+                     capacity; planned at {:.0} % of it",
+                    n.delay_ms,
+                    n.drop_rate * 100.0,
+                    n.load / n.capacity.max(f64::MIN_POSITIVE) * 100.0,
+                    *d * 100.0
+                ));
+            } else if *d < 1.0 {
+                self.clean_ticks[id] += 1;
+                if self.clean_ticks[id] >= self.cfg.scale_down_window.max(1) {
+                    *d = (*d * 2.0).min(1.0);
+                    self.clean_ticks[id] = 0;
+                }
+            }
+        }
+        derate
     }
 }
 
@@ -699,7 +789,7 @@ mod tests {
                 load: load_per_node,
                 capacity: cap,
                 flows: 10,
-                silent: false,
+                ..NodeInput::default()
             })
             .collect()
     }
@@ -835,6 +925,68 @@ mod tests {
         assert!(a.power.contains(&(1, Power::Failed)));
         assert_eq!(a.moves.iter().filter(|m| m.from == 1).count(), 16);
         assert!(r.shard_node().iter().all(|n| *n != 1));
+    }
+
+    #[test]
+    fn a_degraded_node_sheds_load_and_recovers_slowly() {
+        let mut p = planner(Policy::Reactive, 4, 4);
+        let mut nodes = inputs(60.0, 4, 100.0);
+        let shard_load = vec![60.0 * 4.0 / 64.0; 64];
+        nodes[1].delay_ms = 200.0;
+        let a = p.decide(&Inputs {
+            tick: 0,
+            nodes: &nodes,
+            shard_load: &shard_load,
+            ..Inputs::default()
+        });
+        assert_eq!(p.derate()[1], 0.5);
+        assert!(a.reasons.iter().any(|r| r.starts_with("node 1 degraded")));
+        assert!(a.hand_off_from.contains(&1), "{a:?}");
+        let off = a.moves.iter().filter(|m| m.from == 1).count();
+        assert!(
+            off >= 6,
+            "node 1 sheds about half its 16 shards, shed {off}"
+        );
+        assert!(a.moves.iter().all(|m| m.from == 1 && m.to != 1));
+        // Clean again: full capacity back only after a whole window of clean ticks.
+        nodes[1].delay_ms = 0.0;
+        for tick in 1..3 {
+            p.decide(&Inputs {
+                tick,
+                nodes: &nodes,
+                shard_load: &shard_load,
+                ..Inputs::default()
+            });
+            assert_eq!(p.derate()[1], 0.5, "tick {tick}");
+        }
+        p.decide(&Inputs {
+            tick: 3,
+            nodes: &nodes,
+            shard_load: &shard_load,
+            ..Inputs::default()
+        });
+        assert_eq!(p.derate()[1], 1.0);
+    }
+
+    #[test]
+    fn queueing_that_load_explains_is_not_degradation() {
+        for policy in [Policy::Reactive, Policy::Static] {
+            let mut p = planner(policy, 4, 4);
+            let mut nodes = inputs(60.0, 4, 100.0);
+            // Overloaded: its queue is the load's doing, not the node's.
+            nodes[2].load = 120.0;
+            nodes[2].delay_ms = 500.0;
+            nodes[2].drop_rate = 0.2;
+            // Static never derates, whatever the node reports.
+            nodes[3].drop_rate = if policy == Policy::Static { 0.5 } else { 0.0 };
+            let a = p.decide(&Inputs {
+                tick: 0,
+                nodes: &nodes,
+                ..Inputs::default()
+            });
+            assert!(p.derate().iter().all(|d| *d == 1.0), "{policy:?}: {a:?}");
+            assert!(!a.reasons.iter().any(|r| r.contains("degraded")));
+        }
     }
 
     #[test]

@@ -196,6 +196,15 @@ pub enum Event {
     Fail { at_hours: f64, node: u16 },
     /// The node answers again (standing by until the planner uses it).
     Recover { at_hours: f64, node: u16 },
+    /// The node serves only `factor` of its capacity for `hours` (thermal
+    /// throttling, a noisy neighbour, a flapping port) while still stating all of it:
+    /// only its queueing delay and drops show it.
+    Degrade {
+        at_hours: f64,
+        node: u16,
+        factor: f64,
+        hours: f64,
+    },
     /// A class's arrivals multiply by `factor` for `hours`.
     FlashCrowd {
         at_hours: f64,
@@ -210,6 +219,7 @@ impl Event {
         match self {
             Event::Fail { at_hours, .. }
             | Event::Recover { at_hours, .. }
+            | Event::Degrade { at_hours, .. }
             | Event::FlashCrowd { at_hours, .. } => *at_hours,
         }
     }
@@ -318,12 +328,21 @@ impl Scenario {
                 return Err(format!("events[{i}].at_hours must be ≥ 0"));
             }
             match e {
-                Event::Fail { node, .. } | Event::Recover { node, .. }
+                Event::Fail { node, .. }
+                | Event::Recover { node, .. }
+                | Event::Degrade { node, .. }
                     if *node >= self.nodes.count =>
                 {
                     return Err(format!(
                         "events[{i}]: node {node} does not exist (nodes.count = {})",
                         self.nodes.count
+                    ));
+                }
+                Event::Degrade { factor, hours, .. }
+                    if !(*factor > 0.0 && *factor <= 1.0 && *hours > 0.0) =>
+                {
+                    return Err(format!(
+                        "events[{i}]: a degradation needs 0 < factor ≤ 1 and hours > 0"
                     ));
                 }
                 Event::FlashCrowd { factor, hours, .. } if !(*factor > 0.0 && *hours > 0.0) => {
@@ -782,10 +801,17 @@ impl Traffic {
 // ---- nodes ----------------------------------------------------------------------------
 
 /// A simulated load-balancer node's queue.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct SimNode {
     backlog: f64,
     failed: bool,
+    /// Share of its capacity it serves (below 1 while degraded).
+    speed: f64,
+    /// Window hours its degradation lasts until.
+    degraded_until: f64,
+    /// What it reports to the agent at the end of a tick.
+    delay_ms: f64,
+    drop_rate: f64,
 }
 
 /// Packet-weighted queueing delays on a log scale.
@@ -1174,7 +1200,17 @@ fn run_policy(
     );
     let mut forecasts =
         (policy == Policy::Predictive).then(|| Forecasts::new(s, &traffic, curve, warmup_ticks));
-    let mut nodes = vec![SimNode::default(); count];
+    let mut nodes = vec![
+        SimNode {
+            backlog: 0.0,
+            failed: false,
+            speed: 1.0,
+            degraded_until: 0.0,
+            delay_ms: 0.0,
+            drop_rate: 0.0,
+        };
+        count
+    ];
     let mut flows: Vec<SimFlow> = Vec::new();
     let mut report = PolicyReport::default();
     let mut hist = DelayHistogram::new();
@@ -1200,6 +1236,16 @@ fn run_policy(
                 match e {
                     Event::Fail { node, .. } => nodes[usize::from(*node)].failed = true,
                     Event::Recover { node, .. } => nodes[usize::from(*node)].failed = false,
+                    Event::Degrade {
+                        node,
+                        factor,
+                        hours: h,
+                        ..
+                    } => {
+                        let n = &mut nodes[usize::from(*node)];
+                        n.speed = *factor;
+                        n.degraded_until = at + h;
+                    }
                     Event::FlashCrowd {
                         class,
                         factor,
@@ -1328,11 +1374,16 @@ fn run_policy(
         let mut capacity_on = 0.0;
         for (n, node) in nodes.iter_mut().enumerate() {
             let p = planner.power()[n];
+            if node.speed < 1.0 && hours >= node.degraded_until {
+                node.speed = 1.0;
+            }
             let mu = if node.failed || !matches!(p, Power::Active | Power::Draining) {
                 0.0
             } else {
-                cap
+                cap * node.speed
             };
+            node.delay_ms = 0.0;
+            node.drop_rate = 0.0;
             capacity_on += mu;
             let lambda = node_load[n];
             if in_window {
@@ -1355,9 +1406,20 @@ fn run_policy(
             let buffer = cap * s.nodes.queue_s;
             if b1 > buffer {
                 dropped += b1 - buffer;
+                if arriving > 0.0 {
+                    node.drop_rate = ((b1 - buffer) / arriving).min(1.0);
+                }
                 b1 = buffer;
             }
             node.backlog = b1;
+            // What the node's own counters say at the end of the tick: the wait its
+            // backlog imposes plus M/M/1's mean wait at this utilisation.
+            let mm1_wait = if lambda < mu {
+                lambda / mu / (mu - lambda)
+            } else {
+                0.0
+            };
+            node.delay_ms = (b1 / mu + mm1_wait) * 1e3;
             if in_window && arriving > 0.0 {
                 let backlog_delay = (b0 + b1) / 2.0 / mu;
                 let rho = (lambda / mu).min(0.99);
@@ -1387,6 +1449,8 @@ fn run_policy(
                 capacity: cap,
                 flows: node_flows[n],
                 silent: nodes[n].failed,
+                delay_ms: nodes[n].delay_ms,
+                drop_rate: nodes[n].drop_rate,
             })
             .collect();
         let measured_total: f64 = node_load.iter().sum();
