@@ -34,13 +34,20 @@ fn bench(c: &mut Criterion) {
     g.bench_function("place/65536x64/node_joins", |b| {
         b.iter(|| {
             let mut t = spread_63.clone();
-            black_box(place_by_load(&mut t, &load, &all, 0.1, usize::MAX))
+            black_box(place_by_load(&mut t, &load, &all, 0.1, 0.9, usize::MAX))
         })
     });
     g.bench_function("place/65536x64/node_leaves", |b| {
         b.iter(|| {
             let mut t = spread_64.clone();
-            black_box(place_by_load(&mut t, &load, &all[..63], 0.1, usize::MAX))
+            black_box(place_by_load(
+                &mut t,
+                &load,
+                &all[..63],
+                0.1,
+                0.9,
+                usize::MAX,
+            ))
         })
     });
     let nodes: Vec<NodeInput> = (0..NODES)

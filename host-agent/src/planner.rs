@@ -61,7 +61,9 @@ pub struct PlannerConfig {
     pub high_utilisation: f64,
     /// HPA's tolerance: no scaling while measured/target is within 1 ± this.
     pub tolerance: f64,
-    /// Ticks a scale-down waits for: the highest count wanted in this window stays.
+    /// Ticks a reactive scale-down waits for: the highest count wanted in this window
+    /// stays (the predictive policy looks a warm-up ahead instead). Also the clean
+    /// ticks a degraded node waits for before more of its capacity is counted again.
     pub scale_down_window: usize,
     /// Share of a node's capacity one class may take before its large flows are
     /// spread over more shards (flowlet sharding), up to [`MAX_GROUP`].
@@ -255,10 +257,11 @@ pub struct Planner {
     groups: Vec<u8>,
     /// Desired counts of recent ticks, newest last (the scale-down window).
     desired: std::collections::VecDeque<usize>,
-    /// Per node, the share of its stated capacity the planner counts on: halved each
-    /// tick it is degraded, doubled back (up to 1) after each `scale_down_window`
-    /// clean ticks — multiplicative decrease, slow recovery, so a sick node neither
-    /// keeps its load nor flaps.
+    /// Per node, the share of its stated capacity the planner counts on: halved (or
+    /// cut to the share it served, if less) each tick it is degraded, raised by [`DERATE_STEP`] (up to 1) after each
+    /// `scale_down_window` clean ticks — TCP's additive increase, multiplicative
+    /// decrease: a sick node sheds its load at once and is probed back slowly, so a
+    /// lasting fault costs a few mild relapses rather than one full one per window.
     derate: Vec<f64>,
     /// Per node, clean ticks since its derating last changed.
     clean_ticks: Vec<usize>,
@@ -266,6 +269,8 @@ pub struct Planner {
 
 /// The least share of its capacity a degraded node is counted for.
 const MIN_DERATE: f64 = 0.125;
+/// Capacity share a degraded node gets back per clean window.
+const DERATE_STEP: f64 = 0.125;
 
 impl Planner {
     /// Start from the NIC's shard table and node states (`power`, indexed by node id).
@@ -400,13 +405,19 @@ impl Planner {
                 }
                 _ => (reactive, reactive),
             };
-            // Against flapping, both policies scale down only to the highest count
-            // wanted over the stabilisation window, and not before it has filled.
+            // Against flapping, the reactive policy scales down only to the highest
+            // count wanted over the stabilisation window, and not before it has
+            // filled. The predictive one already holds what its forecast wants over
+            // the next warm-up: that look-ahead is its window.
+            let window = match self.policy {
+                Policy::Predictive if !input.total_upper.is_empty() => 1,
+                _ => self.cfg.scale_down_window.max(1),
+            };
             self.desired.push_back(hold);
-            while self.desired.len() > self.cfg.scale_down_window.max(1) {
+            while self.desired.len() > window {
                 self.desired.pop_front();
             }
-            let hold = if self.desired.len() < self.cfg.scale_down_window {
+            let hold = if self.desired.len() < window {
                 active.len()
             } else {
                 self.desired.iter().copied().max().unwrap_or(hold)
@@ -480,6 +491,7 @@ impl Planner {
                     input.shard_load,
                     &targets,
                     self.cfg.imbalance_tolerance,
+                    self.cfg.high_utilisation / growth,
                     self.cfg.max_moves_per_tick,
                 );
             }
@@ -560,7 +572,14 @@ impl Planner {
                 && (n.delay_ms > self.cfg.degraded_delay_ms
                     || n.drop_rate > self.cfg.degraded_drop_rate);
             if degraded {
-                *d = (*d * 0.5).max(MIN_DERATE);
+                // A node that drops with a full queue serves what it did not drop: that
+                // is what it can do now, when it is less than half what was planned.
+                let served = if n.drop_rate > self.cfg.degraded_drop_rate && n.capacity > 0.0 {
+                    n.load * (1.0 - n.drop_rate) / n.capacity
+                } else {
+                    1.0
+                };
+                *d = (*d * 0.5).min(served).max(MIN_DERATE);
                 self.clean_ticks[id] = 0;
                 out.reasons.push(format!(
                     "node {id} degraded: {:.1} ms queueing, {:.2} % dropped at {:.0} % of its \
@@ -573,7 +592,7 @@ impl Planner {
             } else if *d < 1.0 {
                 self.clean_ticks[id] += 1;
                 if self.clean_ticks[id] >= self.cfg.scale_down_window.max(1) {
-                    *d = (*d * 2.0).min(1.0);
+                    *d = (*d + DERATE_STEP).min(1.0);
                     self.clean_ticks[id] = 0;
                 }
             }
@@ -583,8 +602,9 @@ impl Planner {
 }
 
 /// Place shards over `targets` (node id, capacity) so that no node carries more than
-/// its capacity share of the total load by more than `tolerance`, moving as few
-/// shards as that allows.
+/// its capacity share of the total load by more than `tolerance`, nor (once loads are
+/// measured, in the capacities' unit) more than `ceiling` of its capacity where its
+/// share leaves room for that, moving as few shards as that allows.
 ///
 /// Shards on a node that is not a target always move. A node above its limit sheds,
 /// largest first, the shards whose load still fits in its excess (then the smallest
@@ -596,6 +616,7 @@ pub fn place_by_load(
     load: &[f64],
     targets: &[(u16, f64)],
     tolerance: f64,
+    ceiling: f64,
     max_moves: usize,
 ) -> Vec<ShardMove> {
     if targets.is_empty() || table.is_empty() {
@@ -635,8 +656,17 @@ pub fn place_by_load(
     }
     let fair = |i: usize| total * targets[i].1 / cap_total;
     let mut budget = max_moves;
+    // A share above the ceiling cannot be helped by moving shards; the node count can.
+    let limit = |i: usize| {
+        let l = fair(i) * (1.0 + tolerance);
+        if measured > 0.0 {
+            l.min(fair(i).max(ceiling * targets[i].1))
+        } else {
+            l
+        }
+    };
     for i in 0..targets.len() {
-        let limit = fair(i) * (1.0 + tolerance);
+        let limit = limit(i);
         if node_load[i] <= limit || budget == 0 {
             continue;
         }
@@ -698,7 +728,14 @@ mod tests {
     #[test]
     fn spreads_an_unmeasured_table_by_capacity() {
         let mut table = vec![0u16; 64];
-        let moves = place_by_load(&mut table, &[], &[(0, 1.0), (1, 1.0), (2, 2.0)], 0.0, 64);
+        let moves = place_by_load(
+            &mut table,
+            &[],
+            &[(0, 1.0), (1, 1.0), (2, 2.0)],
+            0.0,
+            f64::INFINITY,
+            64,
+        );
         let counts = |n| table.iter().filter(|x| **x == n).count();
         assert_eq!((counts(0), counts(1), counts(2)), (16, 16, 32));
         assert_eq!(moves.len(), 48);
@@ -709,7 +746,14 @@ mod tests {
         let mut table: Vec<u16> = (0..64).map(|s| (s % 4) as u16).collect();
         let before = table.clone();
         let load = vec![1.0; 64];
-        let moves = place_by_load(&mut table, &load, &[(0, 1.0), (1, 1.0), (2, 1.0)], 0.2, 64);
+        let moves = place_by_load(
+            &mut table,
+            &load,
+            &[(0, 1.0), (1, 1.0), (2, 1.0)],
+            0.2,
+            f64::INFINITY,
+            64,
+        );
         assert_eq!(moves.len(), 16, "only node 3's shards move");
         for (s, (a, b)) in before.iter().zip(&table).enumerate() {
             if *a != 3 {
@@ -724,7 +768,7 @@ mod tests {
         let mut table: Vec<u16> = (0..64).map(|s| (s % 3) as u16).collect();
         let load: Vec<f64> = (0..64).map(|s| 1.0 + (s % 5) as f64).collect();
         let targets = [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)];
-        let moves = place_by_load(&mut table, &load, &targets, 0.1, 64);
+        let moves = place_by_load(&mut table, &load, &targets, 0.1, f64::INFINITY, 64);
         assert!(moves.iter().all(|m| m.to == 3), "{moves:?}");
         let loads = node_loads(&table, &load, 4);
         let fair = load.iter().sum::<f64>() / 4.0;
@@ -735,46 +779,82 @@ mod tests {
     }
 
     #[test]
+    fn no_node_is_left_above_the_ceiling_its_share_allows() {
+        // Node 0 carries 95 of 170 on two nodes of 100: within 15 % of its fair 85,
+        // but above a 0.9 ceiling, so it sheds down to 90.
+        let mut table: Vec<u16> = (0..20).map(|s| if s < 19 { 0 } else { 1 }).collect();
+        let mut load = vec![5.0; 20];
+        load[19] = 75.0;
+        let targets = [(0, 100.0), (1, 100.0)];
+        let mut loose = table.clone();
+        assert!(place_by_load(&mut loose, &load, &targets, 0.15, f64::INFINITY, 64).is_empty());
+        let moves = place_by_load(&mut table, &load, &targets, 0.15, 0.9, 64);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(node_loads(&table, &load, 2), vec![90.0, 80.0]);
+        // Where the whole load needs more than the ceiling, shares are the limit.
+        let mut table = vec![0u16, 0, 1, 1];
+        let load = [50.0; 4];
+        assert!(place_by_load(&mut table, &load, &targets, 0.0, 0.9, 64).is_empty());
+    }
+
+    #[test]
     fn the_move_budget_bounds_voluntary_moves_but_not_forced_ones() {
         let mut table: Vec<u16> = (0..64).map(|s| if s < 48 { 0 } else { 2 }).collect();
         let load = vec![1.0; 64];
-        let moves = place_by_load(&mut table, &load, &[(0, 1.0), (1, 1.0)], 0.0, 4);
+        let moves = place_by_load(
+            &mut table,
+            &load,
+            &[(0, 1.0), (1, 1.0)],
+            0.0,
+            f64::INFINITY,
+            4,
+        );
         // 16 forced off node 2, 4 voluntary off node 0.
         assert_eq!(moves.len(), 20);
         assert_eq!(moves.iter().filter(|m| m.from == 0).count(), 4);
     }
 
     proptest! {
-        /// Whatever the loads: no shard stays on a non-target, shards of balanced
-        /// nodes never move, and every node ends within its limit plus one shard.
+        /// Whatever the loads: no shard stays on a non-target, shards of nodes within
+        /// their limit never move, and every node ends within its limit plus one shard.
         #[test]
         fn placement_invariants(
             owners in proptest::collection::vec(0u16..6, 1..300),
             loads in proptest::collection::vec(0.0f64..100.0, 300),
-            caps in proptest::collection::vec(1.0f64..4.0, 4),
+            shares in proptest::collection::vec(1.0f64..4.0, 4),
+            headroom in 0.8f64..2.0,
             tol in 0.0f64..0.5,
+            ceiling in 0.5f64..1.0,
         ) {
-            let targets: Vec<(u16, f64)> = caps.iter().enumerate().map(|(i, c)| (i as u16, *c)).collect();
             let load = &loads[..owners.len()];
-            let mut table = owners.clone();
-            let moves = place_by_load(&mut table, load, &targets, tol, usize::MAX);
-            prop_assert!(table.iter().all(|n| *n < 4));
             let total: f64 = load.iter().sum();
+            let share_total: f64 = shares.iter().sum();
+            // Capacities in the loads' unit, `headroom` times what the load needs.
+            let caps: Vec<f64> = shares.iter().map(|c| c * total / share_total * headroom + 1e-9).collect();
             let cap_total: f64 = caps.iter().sum();
+            let targets: Vec<(u16, f64)> = caps.iter().enumerate().map(|(i, c)| (i as u16, *c)).collect();
+            let mut table = owners.clone();
+            let moves = place_by_load(&mut table, load, &targets, tol, ceiling, usize::MAX);
+            prop_assert!(table.iter().all(|n| *n < 4));
             let before = node_loads(&owners, load, 6);
             let biggest = load.iter().copied().fold(0.0, f64::max);
             let after = node_loads(&table, load, 6);
             for (i, c) in caps.iter().enumerate() {
                 let fair = total * c / cap_total;
-                if before[i] <= fair * (1.0 + tol) {
+                let limit = if total > 0.0 {
+                    (fair * (1.0 + tol)).min(fair.max(ceiling * c))
+                } else {
+                    fair * (1.0 + tol)
+                };
+                if before[i] <= limit {
                     for (s, o) in owners.iter().enumerate() {
                         if *o as usize == i {
-                            prop_assert_eq!(table[s], *o, "shard {} left a balanced node", s);
+                            prop_assert_eq!(table[s], *o, "shard {} left a node within its limit", s);
                         }
                     }
                 }
-                prop_assert!(after[i] <= fair * (1.0 + tol) + biggest + 1e-9,
-                    "node {} carries {} > limit {}", i, after[i], fair * (1.0 + tol) + biggest);
+                prop_assert!(after[i] <= limit + biggest + 1e-9,
+                    "node {} carries {} > limit {} + {}", i, after[i], limit, biggest);
             }
             for m in &moves {
                 prop_assert_eq!(table[m.shard as usize], m.to);
@@ -948,24 +1028,18 @@ mod tests {
             "node 1 sheds about half its 16 shards, shed {off}"
         );
         assert!(a.moves.iter().all(|m| m.from == 1 && m.to != 1));
-        // Clean again: full capacity back only after a whole window of clean ticks.
+        // Clean again: an eighth of its capacity back per window of clean ticks.
         nodes[1].delay_ms = 0.0;
-        for tick in 1..3 {
+        for tick in 1..=12 {
             p.decide(&Inputs {
                 tick,
                 nodes: &nodes,
                 shard_load: &shard_load,
                 ..Inputs::default()
             });
-            assert_eq!(p.derate()[1], 0.5, "tick {tick}");
+            let want = 0.5 + 0.125 * (tick / 3) as f64;
+            assert_eq!(p.derate()[1], want, "tick {tick}");
         }
-        p.decide(&Inputs {
-            tick: 3,
-            nodes: &nodes,
-            shard_load: &shard_load,
-            ..Inputs::default()
-        });
-        assert_eq!(p.derate()[1], 1.0);
     }
 
     #[test]

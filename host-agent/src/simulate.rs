@@ -8,8 +8,9 @@
 //!    tick (its first one when it starts, an RST when it ends), so the NIC's connection
 //!    table and steering decide every flow's node, packet by packet.
 //! 2. **nodes** — each node serves what its flows offer up to its capacity, queues the
-//!    rest up to `queue_s` of work and drops beyond; queueing delay is the backlog's
-//!    drain time plus M/M/1 waiting at the node's utilisation. A failed node serves
+//!    rest up to `queue_s` of work and drops beyond; a packet's queueing delay is the
+//!    drain time of the backlog it meets (which grows or drains linearly over the
+//!    tick) plus M/M/1 waiting at the node's utilisation. A failed node serves
 //!    nothing until the agent notices (next tick) and the NIC remaps its flows.
 //! 3. **agent** — the measured loads feed the forecaster (per class and in total), the
 //!    planner decides, and the decision goes to the NIC as one command-ring batch:
@@ -57,6 +58,8 @@ const MAX_LIFETIME_S: f64 = 86_400.0;
 const LIFETIME_SIGMA: f64 = 1.2;
 /// Quantile points per node and tick in the delay distribution.
 const DELAY_POINTS: usize = 50;
+/// Time points per node and tick at which a changing backlog is sampled.
+const DELAY_TIMES: usize = 24;
 /// Delay histogram: 20 buckets per decade from 1 µs to 1000 s.
 const HIST_PER_DECADE: f64 = 20.0;
 const HIST_BUCKETS: usize = 180;
@@ -1421,17 +1424,29 @@ fn run_policy(
             };
             node.delay_ms = (b1 / mu + mm1_wait) * 1e3;
             if in_window && arriving > 0.0 {
-                let backlog_delay = (b0 + b1) / 2.0 / mu;
                 let rho = (lambda / mu).min(0.99);
-                for k in 0..DELAY_POINTS {
-                    let q = (k as f64 + 0.5) / DELAY_POINTS as f64;
-                    // M/M/1 waiting time: zero with probability 1 − ρ, else exponential.
-                    let wait = if q <= 1.0 - rho {
-                        0.0
-                    } else {
-                        (rho / (1.0 - q)).ln() / (mu - rho * mu)
-                    };
-                    hist.add(backlog_delay + wait, arriving / DELAY_POINTS as f64);
+                // The backlog over the tick is a line from b0 at rate λ − μ, held
+                // between empty and the buffer; packets arriving at each time point
+                // wait for the backlog ahead of them, plus M/M/1 waiting at ρ.
+                let times = if b0 > 0.0 || lambda > mu {
+                    DELAY_TIMES
+                } else {
+                    1
+                };
+                let w = arriving / (times * DELAY_POINTS) as f64;
+                for j in 0..times {
+                    let at = (j as f64 + 0.5) / times as f64 * dt;
+                    let backlog = (b0 + (lambda - mu) * at).clamp(0.0, buffer);
+                    for k in 0..DELAY_POINTS {
+                        let q = (k as f64 + 0.5) / DELAY_POINTS as f64;
+                        // M/M/1 waiting time: zero with probability 1 − ρ, else exponential.
+                        let wait = if q <= 1.0 - rho {
+                            0.0
+                        } else {
+                            (rho / (1.0 - q)).ln() / (mu - rho * mu)
+                        };
+                        hist.add(backlog / mu + wait, w);
+                    }
                 }
             }
         }
@@ -1921,6 +1936,31 @@ mod tests {
             }
             let err = Scenario::parse(&text, "test").unwrap_err().to_string();
             assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_degraded_node_is_found_by_its_queue_and_relieved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = small(dir.path());
+        s.events = vec![Event::Degrade {
+            at_hours: 12.0,
+            node: 0,
+            factor: 0.3,
+            hours: 10.0,
+        }];
+        let on = simulate(&s, &[Policy::Reactive, Policy::Predictive], None, false).unwrap();
+        // The same run with marks nothing reaches: the node keeps its share.
+        s.planner.degraded_delay_ms = 1e9;
+        s.planner.degraded_drop_rate = 1.0;
+        let off = simulate(&s, &[Policy::Reactive, Policy::Predictive], None, false).unwrap();
+        for p in [Policy::Reactive, Policy::Predictive] {
+            let (a, b) = (report(&on, p), report(&off, p));
+            assert!(
+                a.drops * 2 < b.drops && a.overload_seconds < b.overload_seconds,
+                "{p:?}: with the trigger {a:?}, without {b:?}"
+            );
+            assert_eq!(a.broken_flows, 0, "{p:?}");
         }
     }
 
