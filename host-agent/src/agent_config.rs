@@ -511,6 +511,12 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.device, DeviceSpec::InProcess);
         assert!(c.token.is_some());
+        assert_eq!(c.planner, PlannerConfig {
+            max_active: 1024,
+            ..PlannerConfig::default()
+        });
+        assert_eq!(c.forecast, ForecastSettings::default());
+        assert_eq!(c.migration, MigrationSettings::default());
         assert_eq!(parse("", Path::new("x")).unwrap(), AgentConfig::default());
     }
 
@@ -549,6 +555,49 @@ mod tests {
             e.contains("`nodes[0].capacity_gbps`: -1 is not a positive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn policy_planner_and_forecast_keys_are_read_and_checked() {
+        let c = parse(
+            "policy = \"predictive\"\n[planner]\nmin_active = 2\nobserve_only = true\n\
+             sharded_classes = [\"video\"]\n[forecast]\nlevel = 0.9\nrefit_ticks = 10\n\
+             history = 100\nperiods = [24]\n[migration]\nhand_off = true",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.policy, Policy::Predictive);
+        assert_eq!(c.planner.min_active, 2);
+        assert!(c.planner.observe_only && c.migration.hand_off);
+        assert_eq!(c.planner.sharded_classes, vec![nic_firmware::Class::Video]);
+        assert_eq!((c.forecast.refit_ticks, c.forecast.periods.clone()), (10, vec![24]));
+        let e = err("policy = \"psychic\"");
+        assert!(
+            e.contains("unknown variant `psychic`, expected one of `static`, `reactive`, `predictive`"),
+            "{e}"
+        );
+        let e = err("[planner]\ntarget_utilisaton = 0.5");
+        assert!(e.contains("unknown field `target_utilisaton`"), "{e}");
+        let e = err("[planner]\ntarget_utilisation = 1.5");
+        assert!(
+            e.contains("`planner.target_utilisation`: must lie in (0, 1], got 1.5"),
+            "{e}"
+        );
+        let e = err("[planner]\nmin_active = 0");
+        assert!(e.contains("`planner.min_active`"), "{e}");
+        let e = err("[planner]\nhigh_utilisation = 0.5");
+        assert!(e.contains("`planner.high_utilisation`: must not be below"), "{e}");
+        let e = err("[planner]\nsharded_classes = [\"cat-videos\"]");
+        assert!(e.contains("unknown variant `cat-videos`"), "{e}");
+        assert!(err("[forecast]\nlevel = 1.0").contains("`forecast.level`"));
+        assert!(err("[forecast]\nrefit_ticks = 0").contains("`forecast.refit_ticks`"));
+        assert!(err("[forecast]\nhistory = 5").contains("`forecast.history`: 5 is outside"));
+        let e = err("[forecast]\nhistory = 100\nperiods = [60]");
+        assert!(e.contains("`forecast.periods`: period 60 must be"), "{e}");
+        assert!(err("[forecast]\nlevl = 0.5").contains("unknown field `levl`"));
+        let e = err("[migration]\nmax_flows_per_tick = 0");
+        assert!(e.contains("`migration.max_flows_per_tick`"), "{e}");
+        assert!(err("node_warmup_ms = 99999999999").contains("`node_warmup_ms`"));
     }
 
     #[test]
