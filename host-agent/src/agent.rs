@@ -7,14 +7,20 @@
 //!    and class view; feature records go to the profiler.
 //! 2. **profile** — track flows from their records (early, interim, end). For now the
 //!    class is the NIC's port-rule class: the ONNX profiler replaces this stage.
-//! 3. **forecast** — load per node ahead. For now persistence (the forecast is the last
-//!    measured load): the forecaster replaces this stage.
-//! 4. **plan** — node states (operator intents, down detection) and shard placement by
-//!    weight over the active nodes with the fewest moves; it runs only when one of its
-//!    inputs changed, so a placement the operator made stays.
+//! 3. **forecast** — packets/s, bytes/s and new flows/s per class, node and shard into
+//!    the forecaster's bounded histories; a share of the series refitted each tick
+//!    ([`crate::agent_forecast`]).
+//! 4. **plan** — silence detection, then [`Planner::decide`] under the configured
+//!    policy over measured load, node capacities and (predictive) the forecasts' upper
+//!    bounds: node power states, shard moves, class groups, flows to hand off. Nodes
+//!    an operator holds (drained, down) are out of the planner's hands; operators'
+//!    requests are applied at once, outside the tick, and the planner goes on from
+//!    the tables they leave. Observe-only, decisions are recorded and nothing changes.
 //! 5. **rebalance** — the difference between the plan and the committed tables, as
 //!    command descriptors.
-//! 6. **apply** — one command batch: the NIC applies it in one epoch or not at all.
+//! 6. **apply** — one command batch: the NIC applies it in one epoch or not at all;
+//!    then, with `migration.hand_off`, the long-lived flows the planner wants off
+//!    their nodes are handed to their shards' new nodes (`HandOffFlows`).
 //!
 //! [`Core`] holds the stages and their shared state and does no I/O; [`Agent`] drives
 //! it against a device. On start the agent reads the device's tables back and adopts
@@ -39,7 +45,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::agent_config::{AgentConfig, DeviceSpec, MigrationSettings};
-use crate::agent_forecast::{ForecastStage, SeriesView};
+use crate::agent_forecast::{Done, ForecastStage, Job, SeriesView};
 use crate::device::{Device, DeviceError, InProcess, Vfio, VfioUser};
 use crate::driver::{Nic, NicError, Tables};
 use crate::forecast::{Metric, Scope as FcScope};
@@ -205,7 +211,7 @@ pub struct RingView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LoopView {
     pub ticks: u64,
-    /// Series refitted by the forecast stage in this tick.
+    /// Refits the forecast stage took back in this tick.
     pub refits: u64,
     pub ingest_s: f64,
     pub profile_s: f64,
@@ -683,23 +689,28 @@ impl Core {
     }
 
     /// Stage 3: one sample per series (packets/s, bytes/s, new flows/s of every class,
-    /// node and shard, from the NIC's counter snapshots) into the forecaster, and this
-    /// tick's share of refits. A tick that brought no new snapshot repeats the last
-    /// rates, so the series keep the loop's interval. Returns the series refitted.
-    pub fn forecast(&mut self) -> u64 {
+    /// node and shard, from the NIC's counter snapshots) into the forecaster. A tick
+    /// that brought no new snapshot repeats the last rates, so the series keep the
+    /// loop's interval. Returns the refits due, to run off the loop
+    /// ([`Core::forecast_done`] takes them back).
+    pub fn forecast(&mut self) -> Vec<Job> {
         self.tick += 1;
         if self.snapshot_ns > self.sampled.ns {
             self.sample_rates();
         }
-        let refits = self.forecasts.refits_total();
-        self.forecasts.observe(self.tick, &self.sampled.rates);
+        let jobs = self.forecasts.observe(self.tick, &self.sampled.rates);
         for (id, n) in &mut self.nodes {
             n.forecast_gbps = self
                 .forecasts
                 .next_point(FcScope::Node(*id), Metric::Bytes, self.tick)
                 .map_or(n.load_gbps, |b| b * GBPS);
         }
-        self.forecasts.refits_total() - refits
+        jobs
+    }
+
+    /// A refit finished.
+    pub fn forecast_done(&mut self, d: Done) {
+        self.forecasts.done(d);
     }
 
     fn sample_rates(&mut self) {
@@ -1595,6 +1606,35 @@ pub struct Agent {
     image_version: u32,
     started: Instant,
     migration: MigrationSettings,
+    fitter: Fitter,
+}
+
+/// The thread the forecast stage's refits run on, so a tick never waits for a fit.
+/// It ends when the agent (the jobs' sender) goes.
+struct Fitter {
+    jobs: std::sync::mpsc::Sender<Job>,
+    done: Receiver<Done>,
+}
+
+impl Fitter {
+    fn start() -> Result<Fitter, crate::Error> {
+        let (jobs, todo) = std::sync::mpsc::channel::<Job>();
+        let (finished, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("forecast-fits".into())
+            .spawn(move || {
+                for job in todo {
+                    if finished.send(job.run()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| crate::Error::Io {
+                what: "start the forecast thread".into(),
+                source,
+            })?;
+        Ok(Fitter { jobs, done })
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -1674,6 +1714,7 @@ impl Agent {
             image_version: status.image_version,
             started: Instant::now(),
             migration: cfg.migration.clone(),
+            fitter: Fitter::start()?,
         };
         agent.publish()?;
         Ok(agent)
@@ -1845,7 +1886,17 @@ impl Agent {
         let t2 = Instant::now();
         self.core.profile(&records);
         let t3 = Instant::now();
-        let refits = self.core.forecast();
+        let mut refits = 0;
+        while let Ok(d) = self.fitter.done.try_recv() {
+            self.core.forecast_done(d);
+            refits += 1;
+        }
+        for job in self.core.forecast() {
+            self.fitter
+                .jobs
+                .send(job)
+                .map_err(|_| crate::Error::Agent("the forecast thread stopped".into()))?;
+        }
         let t4 = Instant::now();
         let plan = self.core.plan(self.clock_ms());
         let t5 = Instant::now();
@@ -2073,14 +2124,18 @@ mod tests {
                 ],
                 0,
             );
-            let r = c.forecast();
-            // 8 classes' and nodes' and shards' series (7 + 2 + 4, × 3 metrics) over
-            // refit_ticks 50: one each tick, once ten samples are in.
-            assert!(r <= 1, "tick {i}: {r}");
-            refits += r;
+            let jobs = c.forecast();
+            // 7 classes', 2 nodes' and 4 shards' series, × 3 metrics, over
+            // refit_ticks 600: one each tick, once ten samples are in.
+            assert!(jobs.len() <= 1, "tick {i}: {}", jobs.len());
+            for j in jobs {
+                c.forecast_done(j.run());
+                refits += 1;
+            }
         }
         assert!(refits >= 40, "{refits}");
         let v = c.view();
+        assert_eq!(v.forecast.refits_total, refits);
         let s = v
             .forecast
             .series

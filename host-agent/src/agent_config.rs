@@ -237,7 +237,7 @@ impl Default for ForecastSettings {
     fn default() -> Self {
         ForecastSettings {
             level: 0.8,
-            refit_ticks: 50,
+            refit_ticks: 600,
             history: 600,
             periods: Vec::new(),
         }

@@ -2,10 +2,14 @@
 //! metric (packets/s, bytes/s, new flows/s), one sample per control-loop tick, kept in
 //! the [`Forecaster`]'s bounded histories.
 //!
-//! Fitting every series every tick would cost more than the rest of the loop (a model
-//! choice is a rolling-origin backtest of five models), so each series is refitted
-//! once per `refit_ticks`, and the refits are spread over the ticks: a tick refits
-//! `⌈series / refit_ticks⌉` of them, round robin. A series' model is chosen by
+//! Fits are what costs: choosing a series' model is a rolling-origin backtest of five
+//! models (40–500 ms on 600 samples, measured), refitting the chosen one a few ms. So
+//! the stage does not fit: each tick it hands out [`Job`]s — `⌈series / refit_ticks⌉`
+//! of them, round robin, so every series is refitted once per `refit_ticks` — and
+//! takes their [`Done`] results back whenever they come. The agent runs the jobs on a
+//! thread of their own, so a tick's forecast stage costs the samples and the hand-off,
+//! not the fits; a series is never in two jobs at once, so a slow fitter delays
+//! forecasts instead of piling work up. A series' model is chosen by
 //! [`forecast::select`] at its first refit and again every [`RESELECT_EVERY`] refits;
 //! in between the chosen model is refitted on the newest history. Between refits the
 //! last forecast is read at the offset of the current tick.
@@ -29,10 +33,69 @@ struct Fit {
     model: Option<Model>,
     periods: Vec<usize>,
     refits: u32,
+    /// A job for the series is out.
+    in_flight: bool,
     /// Tick after whose sample the forecast was made: its step 0 is the next tick.
     made_at: u64,
     forecast: Option<Arc<Forecast>>,
     error: Option<String>,
+}
+
+/// One series' refit, to run wherever the fits may take their time.
+#[derive(Clone, Debug)]
+pub struct Job {
+    key: (Scope, Metric),
+    y: Vec<f64>,
+    /// The model to refit; `None` to choose one by backtest.
+    model: Option<Model>,
+    /// The periods to use; `None` (choosing) to detect them when none are configured.
+    periods: Option<Vec<usize>>,
+    horizon: usize,
+    level: f64,
+    made_at: u64,
+}
+
+/// A job's outcome.
+#[derive(Clone, Debug)]
+pub struct Done {
+    key: (Scope, Metric),
+    made_at: u64,
+    result: Result<(Forecast, Vec<usize>), String>,
+}
+
+impl Job {
+    /// Fit and forecast. A model that fails (or panics, on a series it cannot take)
+    /// falls back on seasonal naive; only when that fails too is the error kept.
+    pub fn run(self) -> Done {
+        let Job {
+            key,
+            y,
+            model,
+            periods,
+            horizon,
+            level,
+            made_at,
+        } = self;
+        let fit = || match model {
+            None => forecast::select(&y, periods.as_deref(), horizon, level)
+                .map(|s| (s.forecast, s.periods)),
+            Some(m) => {
+                let p = periods.clone().unwrap_or_default();
+                forecast::forecast(m, &y, &p, horizon, level)
+                    .or_else(|_| forecast::forecast(Model::SeasonalNaive, &y, &p, horizon, level))
+                    .map(|f| (f, p))
+            }
+        };
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(fit)) {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the model panicked on this series".into()),
+        };
+        Done {
+            key,
+            made_at,
+            result,
+        }
+    }
 }
 
 /// One series as `/forecast` shows it. The forecast is shared, not copied, so
@@ -116,8 +179,8 @@ impl ForecastStage {
         self.refits_total
     }
 
-    /// Record tick `tick`'s samples, then refit this tick's share of the series.
-    pub fn observe(&mut self, tick: u64, samples: &[(Scope, Metric, f64)]) {
+    /// Record tick `tick`'s samples; the refits due this tick, as jobs.
+    pub fn observe(&mut self, tick: u64, samples: &[(Scope, Metric, f64)]) -> Vec<Job> {
         for &(scope, metric, v) in samples {
             self.forecaster
                 .observe(scope, metric, if v.is_finite() { v } else { 0.0 });
@@ -125,7 +188,7 @@ impl ForecastStage {
         }
         let n = self.fits.len();
         if n == 0 {
-            return;
+            return Vec::new();
         }
         let share = n.div_ceil(self.refit_ticks as usize);
         let keys: Vec<(Scope, Metric)> = self
@@ -137,44 +200,55 @@ impl ForecastStage {
             .copied()
             .collect();
         self.cursor = (self.cursor + share) % n;
-        for key in keys {
-            self.refit(tick, key);
-        }
+        keys.into_iter()
+            .filter_map(|key| self.job(tick, key))
+            .collect()
     }
 
-    fn refit(&mut self, tick: u64, key: (Scope, Metric)) {
-        let Some(history) = self.forecaster.history(key.0, key.1) else {
-            return;
-        };
+    fn job(&mut self, tick: u64, key: (Scope, Metric)) -> Option<Job> {
+        let history = self.forecaster.history(key.0, key.1)?;
         if history.len() < MIN_SAMPLES {
-            return;
+            return None;
         }
         let y = history.to_vec();
-        let (horizon, level) = (self.horizon, self.level);
-        let periods = self.periods.clone();
-        let fit = self.fits.entry(key).or_default();
+        let fit = self.fits.get_mut(&key)?;
+        if fit.in_flight {
+            return None;
+        }
+        fit.in_flight = true;
         let choose = fit.model.is_none() || fit.refits % RESELECT_EVERY == 0;
-        let result = if choose {
-            forecast::select(&y, periods.as_deref(), horizon, level).map(|s| (s.forecast, s.periods))
-        } else {
-            let model = fit.model.unwrap_or(Model::SeasonalNaive);
-            forecast::forecast(model, &y, &fit.periods, horizon, level)
-                .or_else(|_| {
-                    forecast::forecast(Model::SeasonalNaive, &y, &fit.periods, horizon, level)
-                })
-                .map(|f| (f, fit.periods.clone()))
-        };
         fit.refits = fit.refits.wrapping_add(1);
+        Some(Job {
+            key,
+            y,
+            model: if choose { None } else { fit.model },
+            periods: if choose {
+                self.periods.clone()
+            } else {
+                Some(fit.periods.clone())
+            },
+            horizon: self.horizon,
+            level: self.level,
+            made_at: tick,
+        })
+    }
+
+    /// Take a job's result back.
+    pub fn done(&mut self, d: Done) {
+        let Some(fit) = self.fits.get_mut(&d.key) else {
+            return;
+        };
+        fit.in_flight = false;
         self.refits_total += 1;
-        match result {
+        match d.result {
             Ok((f, p)) => {
                 fit.model = Some(f.model);
                 fit.periods = p;
-                fit.made_at = tick;
+                fit.made_at = d.made_at;
                 fit.forecast = Some(Arc::new(f));
                 fit.error = None;
             }
-            Err(e) => fit.error = Some(e.to_string()),
+            Err(e) => fit.error = Some(e),
         }
     }
 
