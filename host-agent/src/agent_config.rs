@@ -511,10 +511,13 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.device, DeviceSpec::InProcess);
         assert!(c.token.is_some());
-        assert_eq!(c.planner, PlannerConfig {
-            max_active: 1024,
-            ..PlannerConfig::default()
-        });
+        assert_eq!(
+            c.planner,
+            PlannerConfig {
+                max_active: 1024,
+                ..PlannerConfig::default()
+            }
+        );
         assert_eq!(c.forecast, ForecastSettings::default());
         assert_eq!(c.migration, MigrationSettings::default());
         assert_eq!(parse("", Path::new("x")).unwrap(), AgentConfig::default());
@@ -570,10 +573,15 @@ mod tests {
         assert_eq!(c.planner.min_active, 2);
         assert!(c.planner.observe_only && c.migration.hand_off);
         assert_eq!(c.planner.sharded_classes, vec![nic_firmware::Class::Video]);
-        assert_eq!((c.forecast.refit_ticks, c.forecast.periods.clone()), (10, vec![24]));
+        assert_eq!(
+            (c.forecast.refit_ticks, c.forecast.periods.clone()),
+            (10, vec![24])
+        );
         let e = err("policy = \"psychic\"");
         assert!(
-            e.contains("unknown variant `psychic`, expected one of `static`, `reactive`, `predictive`"),
+            e.contains(
+                "unknown variant `psychic`, expected one of `static`, `reactive`, `predictive`"
+            ),
             "{e}"
         );
         let e = err("[planner]\ntarget_utilisaton = 0.5");
@@ -586,7 +594,10 @@ mod tests {
         let e = err("[planner]\nmin_active = 0");
         assert!(e.contains("`planner.min_active`"), "{e}");
         let e = err("[planner]\nhigh_utilisation = 0.5");
-        assert!(e.contains("`planner.high_utilisation`: must not be below"), "{e}");
+        assert!(
+            e.contains("`planner.high_utilisation`: must not be below"),
+            "{e}"
+        );
         let e = err("[planner]\nsharded_classes = [\"cat-videos\"]");
         assert!(e.contains("unknown variant `cat-videos`"), "{e}");
         assert!(err("[forecast]\nlevel = 1.0").contains("`forecast.level`"));

@@ -27,6 +27,11 @@ pub const RESELECT_EVERY: u32 = 10;
 /// Samples a series needs before it is forecast: ETS's minimum.
 pub const MIN_SAMPLES: usize = 10;
 
+/// Jobs out at once at most: with more series than the fitter keeps up with, the
+/// refits due while it is this far behind are skipped to their next turn, so the
+/// queue (a history copied into each job) stays small.
+pub const MAX_IN_FLIGHT: usize = 64;
+
 /// The last fit of one series.
 #[derive(Clone, Debug, Default)]
 struct Fit {
@@ -125,6 +130,7 @@ pub struct ForecastStage {
     fits: BTreeMap<(Scope, Metric), Fit>,
     /// Where the round robin of refits goes on from.
     cursor: usize,
+    in_flight: usize,
     refits_total: u64,
 }
 
@@ -163,6 +169,7 @@ impl ForecastStage {
             refit_ticks: refit_ticks.max(1),
             fits: BTreeMap::new(),
             cursor: 0,
+            in_flight: 0,
             refits_total: 0,
         }
     }
@@ -207,7 +214,7 @@ impl ForecastStage {
 
     fn job(&mut self, tick: u64, key: (Scope, Metric)) -> Option<Job> {
         let history = self.forecaster.history(key.0, key.1)?;
-        if history.len() < MIN_SAMPLES {
+        if history.len() < MIN_SAMPLES || self.in_flight >= MAX_IN_FLIGHT {
             return None;
         }
         let y = history.to_vec();
@@ -216,6 +223,7 @@ impl ForecastStage {
             return None;
         }
         fit.in_flight = true;
+        self.in_flight += 1;
         let choose = fit.model.is_none() || fit.refits % RESELECT_EVERY == 0;
         fit.refits = fit.refits.wrapping_add(1);
         Some(Job {
@@ -238,7 +246,10 @@ impl ForecastStage {
         let Some(fit) = self.fits.get_mut(&d.key) else {
             return;
         };
-        fit.in_flight = false;
+        if fit.in_flight {
+            fit.in_flight = false;
+            self.in_flight -= 1;
+        }
         self.refits_total += 1;
         match d.result {
             Ok((f, p)) => {

@@ -197,7 +197,11 @@ async fn forecast(
             format!("steps={steps}: must be 1..={} (the horizon)", f.horizon),
         ));
     }
-    if let Some(s) = q.scope.as_deref().filter(|s| !["class", "node", "shard"].contains(s)) {
+    if let Some(s) = q
+        .scope
+        .as_deref()
+        .filter(|s| !["class", "node", "shard"].contains(s))
+    {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("scope={s}: must be class, node or shard"),

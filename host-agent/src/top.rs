@@ -74,7 +74,16 @@ pub fn frame(base: &str) -> Result<String, Error> {
     let _ = writeln!(
         o,
         "{:>4}  {:<8} {:<8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>12} {:>14}",
-        "NODE", "STATE", "POWER", "WEIGHT", "SHARDS", "LOAD", "FORECAST", "CAPACITY", "ACTIVE", "PACKETS"
+        "NODE",
+        "STATE",
+        "POWER",
+        "WEIGHT",
+        "SHARDS",
+        "LOAD",
+        "FORECAST",
+        "CAPACITY",
+        "ACTIVE",
+        "PACKETS"
     );
     for n in nodes.as_array().into_iter().flatten() {
         let _ = writeln!(

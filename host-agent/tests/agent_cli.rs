@@ -36,10 +36,7 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
         ),
         ("tick_ms = 5", "`tick_ms`: 5 is outside 10..=60000"),
         ("policy = \"psychic\"", "unknown variant `psychic`"),
-        (
-            "[planner]\nmax_moves = 3",
-            "unknown field `max_moves`",
-        ),
+        ("[planner]\nmax_moves = 3", "unknown field `max_moves`"),
         (
             "[planner]\ntolerance = 1.5",
             "`planner.tolerance`: must lie in [0, 1), got 1.5",

@@ -621,14 +621,25 @@ fn a_node_whose_endpoint_stops_answering_fails_and_the_planner_moves_its_shards(
     let moved = moved.as_array().unwrap();
     assert_eq!(moved.len(), 16, "{moved:?}");
     for m in moved {
-        assert_eq!((m["from"].as_u64(), m["reason"].as_str()), (Some(2), Some("failure")));
+        assert_eq!(
+            (m["from"].as_u64(), m["reason"].as_str()),
+            (Some(2), Some("failure"))
+        );
         assert!(m["duration_ms"].as_f64().unwrap() > 0.0, "{m}");
         assert_eq!(m["flows_handed_off"], 0);
     }
     let (_, decisions) = agent.get("/decisions");
     let d = &decisions.as_array().unwrap()[0];
-    assert_eq!((d["applied"].as_bool(), d["policy"].as_str()), (Some(true), Some("reactive")));
-    assert!(d["reasons"][0].as_str().unwrap().contains("node 2 stopped answering"));
+    assert_eq!(
+        (d["applied"].as_bool(), d["policy"].as_str()),
+        (Some(true), Some("reactive"))
+    );
+    assert!(
+        d["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("node 2 stopped answering")
+    );
     let (_, text) = agent.text("/metrics");
     openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
     promtool_check(&text);
@@ -690,24 +701,38 @@ fn predictive_forecasts_every_series_and_shows_model_point_and_interval() {
         .iter()
         .find(|s| s["scope"] == "node" && s["id"] == "0" && s["metric"] == "bytes_per_s")
         .unwrap();
-    assert!(models.contains(&bytes0["model"].as_str().unwrap()), "{bytes0}");
+    assert!(
+        models.contains(&bytes0["model"].as_str().unwrap()),
+        "{bytes0}"
+    );
     let (p, lo, hi) = (&bytes0["point"], &bytes0["lower"], &bytes0["upper"]);
     assert_eq!(p.as_array().unwrap().len(), 3, "{bytes0}");
     for i in 0..3 {
-        let (p, lo, hi) = (p[i].as_f64().unwrap(), lo[i].as_f64().unwrap(), hi[i].as_f64().unwrap());
+        let (p, lo, hi) = (
+            p[i].as_f64().unwrap(),
+            lo[i].as_f64().unwrap(),
+            hi[i].as_f64().unwrap(),
+        );
         assert!(lo <= p && p <= hi && p > 0.0, "step {i}: {lo} {p} {hi}");
     }
     let (_, classes) = agent.get("/forecast?scope=class");
     let classes = classes["series"].as_array().unwrap();
     assert_eq!(classes.len(), 21);
-    assert!(classes.iter().all(|s| s["point"].as_array().unwrap().len() == 10));
+    assert!(
+        classes
+            .iter()
+            .all(|s| s["point"].as_array().unwrap().len() == 10)
+    );
     let (code, e) = agent.get("/forecast?steps=0");
     assert_eq!(code, 400);
     assert!(error(&e).contains("steps=0: must be 1..="), "{e}");
     let (code, e) = agent.get("/forecast?scope=planet");
     assert_eq!(code, 400, "{e}");
     let s = agent.wait_for(|s| s["loop"]["ticks"].as_u64() >= Some(100));
-    assert_eq!((s["policy"].as_str(), s["observe_only"].as_bool()), (Some("predictive"), Some(false)));
+    assert_eq!(
+        (s["policy"].as_str(), s["observe_only"].as_bool()),
+        (Some("predictive"), Some(false))
+    );
     assert!(s["forecast_refits_total"].as_u64() > Some(series as u64));
     eprintln!(
         "tick {:.3} ms, forecast stage {:.3} ms ({} refits), plan {:.3} ms",
@@ -717,7 +742,13 @@ fn predictive_forecasts_every_series_and_shows_model_point_and_interval() {
         s["loop"]["plan_s"].as_f64().unwrap() * 1e3,
     );
     let nodes = agent.get("/nodes").1;
-    assert!(nodes.as_array().unwrap().iter().all(|n| n["power"] == "active"));
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["power"] == "active")
+    );
     agent.stop().unwrap();
 }
 
@@ -754,34 +785,68 @@ fn reactive_drains_an_idle_pool_hands_long_flows_off_and_records_each_move() {
     agent.wait_for(|s| s["nodes_active"] == 1);
     establish(&mut wire, 0..2_000);
     let (_, shard_node, states) = wire.tables();
-    let kept: Vec<u16> = states.iter().filter(|s| s.1 == NodeState::Active).map(|s| s.0).collect();
+    let kept: Vec<u16> = states
+        .iter()
+        .filter(|s| s.1 == NodeState::Active)
+        .map(|s| s.0)
+        .collect();
     assert_eq!(kept.len(), 1);
     assert!(shard_node.iter().all(|n| *n == kept[0]));
     let (_, moved) = agent.get("/migrations");
     let moved = moved.as_array().unwrap();
     assert_eq!(moved.len(), 48, "{moved:?}");
-    assert!(moved.iter().all(|m| m["reason"] == "scale" && m["to"] == kept[0]));
+    assert!(
+        moved
+            .iter()
+            .all(|m| m["reason"] == "scale" && m["to"] == kept[0])
+    );
     // Every flow the agent tracked on a draining node was handed off to the kept one.
     let on_drained = before.iter().filter(|n| **n != kept[0]).count() as u64;
     let s = agent.wait_for(|s| s["flows_handed_off_total"].as_u64() == Some(on_drained));
     assert_eq!(s["migrations_total"]["scale"], 48);
     let (_, moved) = agent.get("/migrations");
     let moved = moved.as_array().unwrap();
-    let handed: u64 = moved.iter().map(|m| m["flows_handed_off"].as_u64().unwrap()).sum();
+    let handed: u64 = moved
+        .iter()
+        .map(|m| m["flows_handed_off"].as_u64().unwrap())
+        .sum();
     assert_eq!(handed, on_drained);
-    let bytes: u64 = moved.iter().map(|m| m["state_bytes"].as_u64().unwrap()).sum();
+    let bytes: u64 = moved
+        .iter()
+        .map(|m| m["state_bytes"].as_u64().unwrap())
+        .sum();
     assert_eq!(bytes, handed * 512);
     // The NIC moves a handed-off flow at its next flowlet boundary: after a gap.
     wire.wait(1_000);
     assert!(wire.nodes(0..2_000).iter().all(|n| *n == kept[0]));
     let (_, text) = agent.text("/metrics");
     openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
-    assert!(text.contains("flowshard_migrations_total{reason=\"scale\"} 48\n"), "{text}");
-    assert!(text.contains(&format!("flowshard_migration_flows_handed_off_total{{}} {on_drained}\n")), "{text}");
-    assert!(text.contains(&format!("flowshard_migration_state_bytes_total{{}} {}\n", on_drained * 512)), "{text}");
+    assert!(
+        text.contains("flowshard_migrations_total{reason=\"scale\"} 48\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "flowshard_migration_flows_handed_off_total{{}} {on_drained}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "flowshard_migration_state_bytes_total{{}} {}\n",
+            on_drained * 512
+        )),
+        "{text}"
+    );
     let (_, decisions) = agent.get("/decisions");
-    assert!(decisions.as_array().unwrap().iter().any(|d| d["applied"] == true
-        && d["power"].as_array().unwrap().iter().any(|p| p[1] == "draining")));
+    assert!(decisions.as_array().unwrap().iter().any(|d| {
+        d["applied"] == true
+            && d["power"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p[1] == "draining")
+    }));
     agent.stop().unwrap();
 }
 
@@ -806,12 +871,25 @@ fn observe_only_records_decisions_and_leaves_the_nic_tables_untouched() {
     assert_eq!(d.len(), 1, "the same decision, repeated: {d:?}");
     assert_eq!(d[0]["applied"], false);
     assert!(d[0]["repeats"].as_u64() > Some(5), "{d:?}");
-    let draining = d[0]["power"].as_array().unwrap().iter().filter(|p| p[1] == "draining").count();
+    let draining = d[0]["power"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[1] == "draining")
+        .count();
     assert_eq!(draining, 3, "{d:?}");
     assert_eq!(d[0]["moves"].as_array().unwrap().len(), 48);
     assert_eq!(wire.tables(), tables, "observe-only changed the NIC");
     assert_eq!(agent.get("/migrations").1, json!([]));
-    assert!(agent.get("/nodes").1.as_array().unwrap().iter().all(|n| n["power"] == "active"));
+    assert!(
+        agent
+            .get("/nodes")
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["power"] == "active")
+    );
     // Operators still act.
     let (code, m) = agent.post("/nodes/1/drain", Some(TOKEN), json!({}));
     assert_eq!(code, 200, "{m}");
