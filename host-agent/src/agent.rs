@@ -835,7 +835,10 @@ impl Core {
     /// configured one scaled by the node's weight (an operator's weight 2 doubles the
     /// share the planner gives it; 0 keeps shards off it). A node an operator holds,
     /// or that the image does not define, is shown silent: the planner then counts it
-    /// failed, and neither starts it nor places shards on it.
+    /// failed, and neither starts it nor places shards on it. Measured: load (NIC
+    /// counters, or the node's endpoint), pinned flows (NIC), silence, and the drop
+    /// rate of nodes with a `metrics_url` (node_exporter). Not measured: queueing
+    /// delay — no source gives it — so the planner's delay trigger never fires here.
     fn node_inputs(&self) -> Vec<NodeInput> {
         (0..self.planner.power().len())
             .map(|id| match self.nodes.get(&(id as u16)) {
