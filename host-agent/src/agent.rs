@@ -7,14 +7,20 @@
 //!    and class view; feature records go to the profiler.
 //! 2. **profile** — track flows from their records (early, interim, end). For now the
 //!    class is the NIC's port-rule class: the ONNX profiler replaces this stage.
-//! 3. **forecast** — load per node ahead. For now persistence (the forecast is the last
-//!    measured load): the forecaster replaces this stage.
-//! 4. **plan** — node states (operator intents, down detection) and shard placement by
-//!    weight over the active nodes with the fewest moves; it runs only when one of its
-//!    inputs changed, so a placement the operator made stays.
+//! 3. **forecast** — packets/s, bytes/s and new flows/s per class, node and shard into
+//!    the forecaster's bounded histories; a share of the series refitted each tick
+//!    ([`crate::agent_forecast`]).
+//! 4. **plan** — silence detection, then [`Planner::decide`] under the configured
+//!    policy over measured load, node capacities and (predictive) the forecasts' upper
+//!    bounds: node power states, shard moves, class groups, flows to hand off. Nodes
+//!    an operator holds (drained, down) are out of the planner's hands; operators'
+//!    requests are applied at once, outside the tick, and the planner goes on from
+//!    the tables they leave. Observe-only, decisions are recorded and nothing changes.
 //! 5. **rebalance** — the difference between the plan and the committed tables, as
 //!    command descriptors.
-//! 6. **apply** — one command batch: the NIC applies it in one epoch or not at all.
+//! 6. **apply** — one command batch: the NIC applies it in one epoch or not at all;
+//!    then, with `migration.hand_off`, the long-lived flows the planner wants off
+//!    their nodes are handed to their shards' new nodes (`HandOffFlows`).
 //!
 //! [`Core`] holds the stages and their shared state and does no I/O; [`Agent`] drives
 //! it against a device. On start the agent reads the device's tables back and adopts
@@ -38,11 +44,16 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use crate::agent_config::{AgentConfig, DeviceSpec};
+use crate::agent_config::{AgentConfig, DeviceSpec, MigrationSettings};
+use crate::agent_forecast::{Done, ForecastStage, Job, SeriesView};
 use crate::device::{Device, DeviceError, InProcess, Vfio, VfioUser};
 use crate::driver::{Nic, NicError, Tables};
+use crate::forecast::{Metric, Scope as FcScope};
 use crate::metrics::LoopMetrics;
 use crate::node_metrics::{NodeSample, Report};
+use crate::planner::{
+    Actions, Inputs, NodeInput, Planner, PlannerConfig, Policy, Power, ShardMove,
+};
 
 /// Longest the agent waits for a vfio-user server to answer its connection.
 const VFIO_USER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -54,24 +65,52 @@ const MIGRATION_LOG: usize = 1_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reason {
-    /// An operator asked for this move (`POST /migrations`).
+    /// An operator asked for it: `POST /migrations`, or a node's state or weight set
+    /// through the API.
     Operator,
-    /// The planner moved it: weights or node states changed.
+    /// Its node stopped answering (or receiving traffic): the planner marked it failed.
+    Failure,
+    /// Its node's measured load was above `planner.high_utilisation`.
+    Overload,
+    /// Its node queued or dropped packets its load does not explain.
+    Degradation,
+    /// The planner changed how many nodes serve: its node is draining, or it went to a
+    /// node that just became active.
+    Scale,
+    /// The predictive policy moved it ahead of the load its forecast expects.
+    Forecast,
+    /// The planner spread load with no single trigger to name.
     Rebalance,
 }
 
 impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::Operator,
+        Reason::Failure,
+        Reason::Overload,
+        Reason::Degradation,
+        Reason::Scale,
+        Reason::Forecast,
+        Reason::Rebalance,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Operator => "operator",
+            Reason::Failure => "failure",
+            Reason::Overload => "overload",
+            Reason::Degradation => "degradation",
+            Reason::Scale => "scale",
+            Reason::Forecast => "forecast",
             Reason::Rebalance => "rebalance",
         }
     }
 }
 
-/// A shard placed on another node. Only new flows of the shard follow it; established
-/// flows stay pinned to their node by the NIC's connection table until they end.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A shard placed on another node. New flows of the shard follow it at once;
+/// established flows stay pinned to their node by the NIC's connection table until
+/// they end, unless they are handed off (`migration.hand_off`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Migration {
     pub id: u64,
     pub shard: u16,
@@ -80,6 +119,14 @@ pub struct Migration {
     pub reason: Reason,
     pub nic_time_ns: u64,
     pub unix_ms: u64,
+    /// Established flows of the shard handed off to `to` (`HandOffFlows`), so far.
+    pub flows_handed_off: u64,
+    /// Connection state those flows carried over: `migration.state_bytes_per_flow`
+    /// per flow, since the nodes' own transfer is outside the agent's sight.
+    pub state_bytes: u64,
+    /// From submitting the batch to the NIC's commit acknowledgement, plus the
+    /// handoffs' own batches.
+    pub duration_ms: f64,
 }
 
 /// Traffic counters of a node, shard or class, as the NIC last reported them.
@@ -107,6 +154,17 @@ pub struct NodeView {
     pub traffic: Traffic,
     /// Why the agent marked the node down, if it did.
     pub down_reason: Option<String>,
+    /// The planner's state of the node. `warming` and `off` are decisions to start or
+    /// stop the machine, which the agent only logs: powering nodes is outside it.
+    pub power: Power,
+    /// The state an operator holds the node in (`drain`, `down`) until `up`: the
+    /// planner leaves such a node alone.
+    pub held: Option<NodeState>,
+    /// Share of received packets the node dropped over its last two scrapes
+    /// (node_exporter's `node_network_receive_drop_total`); only for nodes with a
+    /// `metrics_url`. The NIC counts no per-node drops, and no source gives the
+    /// node's queueing delay, so the planner's delay trigger gets 0.
+    pub drop_rate: Option<f64>,
     /// `nic` (counter snapshots) or `prometheus` (the node's endpoint).
     pub load_source: &'static str,
     /// From the node's endpoint: busy share of its CPUs, used share of its memory.
@@ -153,6 +211,8 @@ pub struct RingView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LoopView {
     pub ticks: u64,
+    /// Refits the forecast stage took back in this tick.
+    pub refits: u64,
     pub ingest_s: f64,
     pub profile_s: f64,
     pub forecast_s: f64,
@@ -176,9 +236,56 @@ pub struct View {
     pub classes: Vec<ClassView>,
     pub migrations: Vec<Migration>,
     pub migrations_total: BTreeMap<&'static str, u64>,
+    pub flows_handed_off_total: u64,
+    pub state_bytes_handed_off_total: u64,
+    pub policy: &'static str,
+    pub observe_only: bool,
+    pub forecast: ForecastView,
+    /// The planner's latest decisions that changed something, newest last.
+    pub decisions: Vec<Decision>,
+    pub decisions_total: u64,
     pub rings: RingView,
     #[serde(rename = "loop")]
     pub loop_: LoopView,
+}
+
+/// The forecast stage as the API shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ForecastView {
+    /// The loop's tick the forecasts are read at: a series' next step is
+    /// `tick - made_at_tick` into its forecast.
+    pub tick: u64,
+    pub level: f64,
+    pub horizon: usize,
+    pub refit_ticks: u64,
+    pub refits_total: u64,
+    pub series: Vec<SeriesView>,
+}
+
+/// A shard move the planner decided, with why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedMove {
+    pub shard: u16,
+    pub from: u16,
+    pub to: u16,
+    pub reason: Reason,
+}
+
+/// One planner decision that changed something, applied or (observe-only) not.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub tick: u64,
+    pub nic_time_ns: u64,
+    pub policy: &'static str,
+    pub applied: bool,
+    pub power: Vec<(u16, Power)>,
+    pub moves: Vec<PlannedMove>,
+    pub groups: Vec<(&'static str, u8)>,
+    pub hand_off_from: Vec<u16>,
+    pub reasons: Vec<String>,
+    /// Later ticks that decided the same again (observe-only, nothing changes, so the
+    /// planner repeats itself): counted here rather than logged again.
+    pub repeats: u64,
 }
 
 /// A flow tracked from its feature records.
@@ -251,10 +358,16 @@ pub enum Refusal {
 
 pub type Answer = tokio::sync::oneshot::Sender<Result<Reply, Refusal>>;
 
+/// Planner decisions kept for `/decisions`.
+const DECISION_LOG: usize = 200;
+
 /// Per-node state of the core.
 #[derive(Clone, Debug)]
 struct Node {
+    /// The state committed on the NIC.
     state: NodeState,
+    /// The state an operator holds the node in, until `up`.
+    held: Option<NodeState>,
     weight: u32,
     capacity_gbps: f64,
     traffic: Traffic,
@@ -263,6 +376,8 @@ struct Node {
     forecast_gbps: f64,
     /// NIC time of the snapshot that first showed the node's current packet count.
     progress_ns: Option<u64>,
+    /// The agent found the node silent: the planner marks it failed.
+    silent: bool,
     down_reason: Option<String>,
     /// The node's Prometheus endpoint, if its load comes from one.
     metrics_url: Option<String>,
@@ -271,6 +386,18 @@ struct Node {
     scrape_error: Option<String>,
     cpu_busy: Option<f64>,
     memory_used: Option<f64>,
+    drop_rate: Option<f64>,
+}
+
+/// Counters as the forecast stage last sampled them, to turn the next ones into rates.
+#[derive(Debug, Default)]
+struct Sampled {
+    ns: u64,
+    nodes: BTreeMap<u16, Traffic>,
+    shards: Vec<Traffic>,
+    classes: [Traffic; Class::COUNT + 1],
+    /// The rates of the last two snapshots, fed again on ticks that brought none.
+    rates: Vec<(FcScope, Metric, f64)>,
 }
 
 /// The control loop's state and stages, without I/O.
@@ -297,8 +424,25 @@ pub struct Core {
     migrations: VecDeque<Migration>,
     migrations_total: BTreeMap<&'static str, u64>,
     next_migration: u64,
-    replan: bool,
     down_after_ns: u64,
+    planner: Planner,
+    observe_only: bool,
+    /// `planner.high_utilisation`: above it a node's moves are for overload.
+    high_utilisation: f64,
+    /// Loop ticks so far: the planner's and the forecasts' clock.
+    tick: u64,
+    forecasts: ForecastStage,
+    refit_ticks: u64,
+    sampled: Sampled,
+    /// Measured load per shard and per class (by index), Gbit/s: the planner's units
+    /// are those of the nodes' capacities.
+    shard_gbps: Vec<f64>,
+    class_gbps: Vec<f64>,
+    decisions: VecDeque<Decision>,
+    decisions_total: u64,
+    state_bytes_per_flow: u64,
+    handed_off_total: u64,
+    state_bytes_total: u64,
 }
 
 /// What the plan stage wants the tables to be.
@@ -306,17 +450,40 @@ pub struct Core {
 pub struct Plan {
     pub node_states: BTreeMap<u16, NodeState>,
     pub shard_node: Vec<u16>,
+    /// Class groups to set (flowlet sharding over that many shards).
+    pub groups: Vec<(Class, u8)>,
+    /// Why each shard that moves does; a move not listed is an operator's.
+    pub reasons: BTreeMap<u16, Reason>,
+    /// Nodes whose long-lived flows should follow their shards.
+    pub hand_off_from: Vec<u16>,
 }
 
+/// What a decision's power state means for the NIC: only an active node takes new
+/// flows; a warming or draining one keeps what it has (none, for a warming node); an
+/// off or failed one is down, so the NIC remaps the flows it still had.
+pub fn nic_state(p: Power) -> NodeState {
+    match p {
+        Power::Active => NodeState::Active,
+        Power::Warming { .. } | Power::Draining => NodeState::Draining,
+        Power::Off | Power::Failed => NodeState::Down,
+    }
+}
+
+const GBPS: f64 = 8.0 / 1e9;
+
 impl Core {
-    /// Adopt the tables read back from the device.
+    /// Adopt the tables read back from the device. A node the NIC does not have
+    /// active is held in its state, as an operator's hold: the agent cannot tell an
+    /// operator's drain from anything else after a restart, and a restart changes no
+    /// steering.
     pub fn new(tables: Tables, cfg: &AgentConfig) -> Core {
-        let nodes = tables
+        let nodes: BTreeMap<u16, Node> = tables
             .nodes
             .iter()
             .map(|n| {
                 let node = Node {
                     state: n.state,
+                    held: (n.state != NodeState::Active).then_some(n.state),
                     weight: n.weight,
                     capacity_gbps: cfg.capacity_gbps(n.id),
                     traffic: Traffic::default(),
@@ -324,6 +491,7 @@ impl Core {
                     load_gbps: 0.0,
                     forecast_gbps: 0.0,
                     progress_ns: None,
+                    silent: false,
                     down_reason: None,
                     metrics_url: cfg
                         .nodes
@@ -334,6 +502,7 @@ impl Core {
                     scrape_error: None,
                     cpu_busy: None,
                     memory_used: None,
+                    drop_rate: None,
                 };
                 (n.id, node)
             })
@@ -344,8 +513,34 @@ impl Core {
                 *b += 1;
             }
         }
+        let ids = nodes.keys().next_back().map_or(0, |m| usize::from(*m) + 1);
+        let power = (0..ids)
+            .map(|id| match nodes.get(&(id as u16)) {
+                Some(n) if n.held.is_none() => Power::Active,
+                _ => Power::Failed,
+            })
+            .collect();
+        let warmup_ticks = cfg.node_warmup_ms.div_ceil(cfg.tick_ms);
+        let planner = Planner::new(
+            cfg.policy,
+            PlannerConfig {
+                max_active: cfg.planner.max_active.min(nodes.len()),
+                ..cfg.planner.clone()
+            },
+            warmup_ticks,
+            power,
+            tables.shard_node.clone(),
+        );
+        let f = &cfg.forecast;
+        // The predictive policy reads the forecast a warm-up and two ticks ahead, from
+        // a forecast up to a refit interval (plus the scale-down window) old.
+        let horizon =
+            (warmup_ticks as usize + f.refit_ticks as usize + cfg.planner.scale_down_window + 2)
+                .min(f.history);
         Core {
             shards: vec![Traffic::default(); tables.shard_node.len()],
+            shard_gbps: vec![0.0; tables.shard_node.len()],
+            class_gbps: vec![0.0; Class::COUNT],
             buckets,
             tables,
             nodes,
@@ -362,8 +557,19 @@ impl Core {
             migrations: VecDeque::new(),
             migrations_total: BTreeMap::new(),
             next_migration: 1,
-            replan: false,
             down_after_ns: cfg.down_after_ms * 1_000_000,
+            planner,
+            observe_only: cfg.planner.observe_only,
+            high_utilisation: cfg.planner.high_utilisation,
+            tick: 0,
+            forecasts: ForecastStage::new(f.history, &f.periods, f.level, horizon, f.refit_ticks),
+            refit_ticks: f.refit_ticks,
+            sampled: Sampled::default(),
+            decisions: VecDeque::new(),
+            decisions_total: 0,
+            state_bytes_per_flow: cfg.migration.state_bytes_per_flow,
+            handed_off_total: 0,
+            state_bytes_total: 0,
         }
     }
 
@@ -480,29 +686,89 @@ impl Core {
         *c = if add { *c + 1 } else { c.saturating_sub(1) };
     }
 
-    /// Stage 3: persistence forecast — each node's next load is its last measured one.
-    pub fn forecast(&mut self) {
-        for n in self.nodes.values_mut() {
-            n.forecast_gbps = n.load_gbps;
+    /// Stage 3: one sample per series (packets/s, bytes/s, new flows/s of every class,
+    /// node and shard, from the NIC's counter snapshots) into the forecaster. A tick
+    /// that brought no new snapshot repeats the last rates, so the series keep the
+    /// loop's interval. Returns the refits due, to run off the loop
+    /// ([`Core::forecast_done`] takes them back).
+    pub fn forecast(&mut self) -> Vec<Job> {
+        self.tick += 1;
+        if self.snapshot_ns > self.sampled.ns {
+            self.sample_rates();
+        }
+        let jobs = self.forecasts.observe(self.tick, &self.sampled.rates);
+        for (id, n) in &mut self.nodes {
+            n.forecast_gbps = self
+                .forecasts
+                .next_point(FcScope::Node(*id), Metric::Bytes, self.tick)
+                .map_or(n.load_gbps, |b| b * GBPS);
+        }
+        jobs
+    }
+
+    /// A refit finished.
+    pub fn forecast_done(&mut self, d: Done) {
+        self.forecasts.done(d);
+    }
+
+    fn sample_rates(&mut self) {
+        let s = &mut self.sampled;
+        let first = s.ns == 0;
+        let dt_s = self.snapshot_ns.saturating_sub(s.ns) as f64 / 1e9;
+        s.ns = self.snapshot_ns;
+        let mut rates = Vec::with_capacity(s.rates.len());
+        let mut push = |scope: FcScope, now: Traffic, then: Traffic| -> f64 {
+            let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt_s;
+            let bytes = per_s(now.bytes, then.bytes);
+            rates.push((scope, Metric::Packets, per_s(now.packets, then.packets)));
+            rates.push((scope, Metric::Bytes, bytes));
+            rates.push((scope, Metric::NewFlows, per_s(now.flows, then.flows)));
+            bytes * GBPS
+        };
+        for c in Class::ALL {
+            let i = c as usize;
+            self.class_gbps[i] = push(FcScope::Class(c), self.classes[i], s.classes[i]);
+        }
+        for (id, n) in &self.nodes {
+            let then = s.nodes.get(id).copied().unwrap_or_default();
+            push(FcScope::Node(*id), n.traffic, then);
+        }
+        s.shards.resize(self.shards.len(), Traffic::default());
+        for (i, t) in self.shards.iter().enumerate() {
+            self.shard_gbps[i] = push(FcScope::Shard(i as u16), *t, s.shards[i]);
+        }
+        s.classes = self.classes;
+        s.shards.copy_from_slice(&self.shards);
+        s.nodes = self.nodes.iter().map(|(id, n)| (*id, n.traffic)).collect();
+        // The first snapshot's counters run from the NIC's start: no rate yet.
+        if !first {
+            s.rates = rates;
+        } else {
+            self.shard_gbps.iter_mut().for_each(|v| *v = 0.0);
+            self.class_gbps.iter_mut().for_each(|v| *v = 0.0);
         }
     }
 
-    /// Down detection, part of planning: an active node with shards that has not
-    /// received a packet for `down_after_ms` of NIC time, while the NIC forwarded
-    /// traffic in that time, is marked down.
-    fn detect_down(&mut self, now_ms: u64) {
+    /// Silence detection, part of planning. A node with a `metrics_url` is silent
+    /// while its endpoint has not answered for `down_after_ms`, and answers again when
+    /// it does. Any other node active with shards that has not received a packet for
+    /// `down_after_ms` of NIC time, while the NIC forwarded traffic, is silent until an
+    /// operator sets it up: once down it receives nothing that could show it is back.
+    fn detect_silence(&mut self, now_ms: u64) {
         let down_after_ms = self.down_after_ns / 1_000_000;
         for n in self.nodes.values_mut() {
             let Some(url) = &n.metrics_url else { continue };
             let since = n.answered.map_or(0, |a| a.0);
-            let silent = now_ms.saturating_sub(since);
-            if n.state == NodeState::Active && silent >= down_after_ms {
-                n.state = NodeState::Down;
+            let silent_ms = now_ms.saturating_sub(since);
+            if silent_ms >= down_after_ms && !n.silent && n.held.is_none() {
+                n.silent = true;
                 n.down_reason = Some(format!(
-                    "{url} has not answered for {silent} ms (last error: {})",
+                    "{url} has not answered for {silent_ms} ms (last error: {})",
                     n.scrape_error.as_deref().unwrap_or("none")
                 ));
-                self.replan = true;
+            } else if silent_ms < down_after_ms && n.silent {
+                n.silent = false;
+                n.down_reason = None;
             }
         }
         let now = self.snapshot_ns;
@@ -517,15 +783,16 @@ impl Core {
             let idle = now.saturating_sub(p);
             // The shard table is scanned last: only for an active node gone quiet.
             if n.state == NodeState::Active
+                && !n.silent
+                && n.metrics_url.is_none()
                 && idle >= self.down_after_ns
                 && self.tables.shard_node.contains(id)
             {
-                n.state = NodeState::Down;
+                n.silent = true;
                 n.down_reason = Some(format!(
                     "no packet for {} ms of NIC time while the NIC forwarded traffic",
                     idle / 1_000_000
                 ));
-                self.replan = true;
             }
         }
     }
@@ -551,6 +818,11 @@ impl Core {
             if dt_s > 0.0 && s.net_bytes >= prev.net_bytes {
                 n.load_gbps = (s.net_bytes - prev.net_bytes) * 8.0 / dt_s / 1e9;
             }
+            let received = s.rx_packets - prev.rx_packets;
+            let dropped = s.rx_drops - prev.rx_drops;
+            if received + dropped > 0.0 && dropped >= 0.0 {
+                n.drop_rate = Some((dropped / (received + dropped)).clamp(0.0, 1.0));
+            }
         }
         if s.mem_total_bytes > 0.0 {
             n.memory_used = Some(1.0 - s.mem_available_bytes / s.mem_total_bytes);
@@ -559,24 +831,189 @@ impl Core {
         n.answered = Some((now_ms, s));
     }
 
-    /// Stage 4: node states and, if an input changed, shard placement. `now_ms` is the
-    /// agent's clock, against which endpoints' silence is judged.
+    /// What the planner is told about each node, indexed by node id. Capacity is the
+    /// configured one scaled by the node's weight (an operator's weight 2 doubles the
+    /// share the planner gives it; 0 keeps shards off it). A node an operator holds,
+    /// or that the image does not define, is shown silent: the planner then counts it
+    /// failed, and neither starts it nor places shards on it. Measured: load (NIC
+    /// counters, or the node's endpoint), pinned flows (NIC), silence, and the drop
+    /// rate of nodes with a `metrics_url` (node_exporter). Not measured: queueing
+    /// delay — no source gives it — so the planner's delay trigger never fires here.
+    fn node_inputs(&self) -> Vec<NodeInput> {
+        (0..self.planner.power().len())
+            .map(|id| match self.nodes.get(&(id as u16)) {
+                Some(n) => NodeInput {
+                    load: n.load_gbps,
+                    capacity: n.capacity_gbps * f64::from(n.weight),
+                    flows: n.active_flows,
+                    silent: n.silent || n.held.is_some(),
+                    delay_ms: 0.0,
+                    drop_rate: n.drop_rate.unwrap_or(0.0),
+                },
+                None => NodeInput {
+                    silent: true,
+                    ..NodeInput::default()
+                },
+            })
+            .collect()
+    }
+
+    /// Stage 4: the planner's decision over this tick's measured load (and, predictive,
+    /// the forecasts' upper bounds), as tables. `now_ms` is the agent's clock, against
+    /// which endpoints' silence is judged. Observe-only, the decision is recorded and
+    /// the plan is the committed tables.
     pub fn plan(&mut self, now_ms: u64) -> Plan {
-        self.detect_down(now_ms);
-        let node_states = self.nodes.iter().map(|(id, n)| (*id, n.state)).collect();
-        let mut shard_node = self.tables.shard_node.clone();
-        if std::mem::take(&mut self.replan) {
-            let targets: Vec<(u16, u32)> = self
+        self.detect_silence(now_ms);
+        let inputs = self.node_inputs();
+        let predictive = self.planner.policy() == Policy::Predictive;
+        let (total_upper, class_upper) = if predictive {
+            let scopes: Vec<FcScope> = self.nodes.keys().map(|id| FcScope::Node(*id)).collect();
+            let total = self
+                .forecasts
+                .sum_upper_after(&scopes, Metric::Bytes, self.tick);
+            let classes = Class::ALL
+                .iter()
+                .map(|c| {
+                    let u =
+                        self.forecasts
+                            .upper_after(FcScope::Class(*c), Metric::Bytes, self.tick);
+                    u.iter().map(|b| b * GBPS).collect()
+                })
+                .collect();
+            (total.iter().map(|b| b * GBPS).collect(), classes)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let before = self.planner.power().to_vec();
+        let actions = self.planner.decide(&Inputs {
+            tick: self.tick,
+            nodes: &inputs,
+            shard_load: &self.shard_gbps,
+            class_load: &self.class_gbps,
+            total_upper: &total_upper,
+            class_upper: &class_upper,
+        });
+        let mut after = before.clone();
+        for (id, p) in &actions.power {
+            if let Some(slot) = after.get_mut(usize::from(*id)) {
+                *slot = *p;
+            }
+        }
+        let moves: Vec<PlannedMove> = actions
+            .moves
+            .iter()
+            .map(|m| PlannedMove {
+                shard: m.shard,
+                from: m.from,
+                to: m.to,
+                reason: self.move_reason(m, &before, &after, &actions, &inputs),
+            })
+            .collect();
+        if !actions.is_empty() {
+            self.record(&actions, &moves);
+        }
+        if self.observe_only {
+            return self.unchanged();
+        }
+        let power = self.planner.power();
+        Plan {
+            node_states: self
                 .nodes
                 .iter()
-                .filter(|(_, n)| n.state == NodeState::Active && n.weight > 0)
-                .map(|(id, n)| (*id, n.weight))
-                .collect();
-            place(&mut shard_node, &targets);
+                .map(|(id, n)| {
+                    let p = power
+                        .get(usize::from(*id))
+                        .copied()
+                        .unwrap_or(Power::Failed);
+                    (*id, n.held.unwrap_or(nic_state(p)))
+                })
+                .collect(),
+            shard_node: self.planner.shard_node().to_vec(),
+            groups: actions.groups,
+            reasons: moves.iter().map(|m| (m.shard, m.reason)).collect(),
+            hand_off_from: actions.hand_off_from,
         }
+    }
+
+    /// Why the planner moved a shard, from what changed around it.
+    fn move_reason(
+        &self,
+        m: &ShardMove,
+        before: &[Power],
+        after: &[Power],
+        actions: &Actions,
+        inputs: &[NodeInput],
+    ) -> Reason {
+        let (from, to) = (usize::from(m.from), usize::from(m.to));
+        let degraded = format!("node {from} degraded");
+        let hot = inputs
+            .get(from)
+            .is_some_and(|n| n.load > self.high_utilisation * n.capacity);
+        match after.get(from) {
+            Some(Power::Failed) => Reason::Failure,
+            Some(Power::Draining | Power::Off) => Reason::Scale,
+            _ if actions.reasons.iter().any(|r| r.starts_with(&degraded)) => Reason::Degradation,
+            _ if before.get(to) != Some(&Power::Active) => Reason::Scale,
+            _ if hot => Reason::Overload,
+            _ if self.planner.policy() == Policy::Predictive => Reason::Forecast,
+            _ => Reason::Rebalance,
+        }
+    }
+
+    /// Log and keep a decision that changed something. Starting and stopping
+    /// machines is outside the agent: the log line is what an operator (or an
+    /// orchestrator watching `/decisions`) acts on.
+    fn record(&mut self, actions: &Actions, moves: &[PlannedMove]) {
+        let applied = !self.observe_only;
+        let decision = Decision {
+            tick: self.tick,
+            nic_time_ns: self.snapshot_ns,
+            policy: self.planner.policy().as_str(),
+            applied,
+            power: actions.power.clone(),
+            moves: moves.to_vec(),
+            groups: actions
+                .groups
+                .iter()
+                .map(|(c, g)| (c.as_str(), *g))
+                .collect(),
+            hand_off_from: actions.hand_off_from.clone(),
+            reasons: actions.reasons.clone(),
+            repeats: 0,
+        };
+        if let Some(last) = self.decisions.back_mut()
+            && (&last.power, &last.moves, &last.groups, &last.reasons)
+                == (
+                    &decision.power,
+                    &decision.moves,
+                    &decision.groups,
+                    &decision.reasons,
+                )
+        {
+            last.repeats += 1;
+            return;
+        }
+        for (id, p) in &actions.power {
+            tracing::info!(node = id, power = ?p, applied, "planner: node power state");
+        }
+        for r in &actions.reasons {
+            tracing::info!(applied, "planner: {r}");
+        }
+        if self.decisions.len() == DECISION_LOG {
+            self.decisions.pop_front();
+        }
+        self.decisions_total += 1;
+        self.decisions.push_back(decision);
+    }
+
+    /// The committed tables as a plan: nothing to change.
+    fn unchanged(&self) -> Plan {
         Plan {
-            node_states,
-            shard_node,
+            node_states: self.nodes.iter().map(|(id, n)| (*id, n.state)).collect(),
+            shard_node: self.tables.shard_node.clone(),
+            groups: Vec::new(),
+            reasons: BTreeMap::new(),
+            hand_off_from: Vec::new(),
         }
     }
 
@@ -604,15 +1041,19 @@ impl Core {
                 ));
             }
         }
+        for (c, g) in &plan.groups {
+            out.push(CmdDesc::new(Opcode::SetClassGroup, *c as u32, (*g).into()));
+        }
         out
     }
 
-    /// After a batch committed: the tables now hold the plan; log the moves.
-    pub fn committed(&mut self, plan: Plan, reason: Reason) -> Vec<Migration> {
+    /// After a batch committed (in `duration_ms`, submit to acknowledgement): the
+    /// tables now hold the plan; log the moves. Returns the first migration id given.
+    pub fn committed(&mut self, plan: Plan, duration_ms: f64) -> u64 {
+        let first = self.next_migration;
         let unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let mut moved = Vec::new();
         for (shard, (from, to)) in self
             .tables
             .shard_node
@@ -620,43 +1061,77 @@ impl Core {
             .zip(&plan.shard_node)
             .enumerate()
         {
-            if from != to {
-                moved.push(Migration {
-                    id: self.next_migration,
-                    shard: shard as u16,
-                    from: *from,
-                    to: *to,
-                    reason,
-                    nic_time_ns: self.snapshot_ns,
-                    unix_ms,
-                });
-                self.next_migration += 1;
+            if from == to {
+                continue;
             }
-        }
-        for t in &mut self.tables.nodes {
-            if let Some(s) = plan.node_states.get(&t.id) {
-                t.state = *s;
-            }
-        }
-        self.tables.shard_node = plan.shard_node;
-        *self.migrations_total.entry(reason.as_str()).or_default() += moved.len() as u64;
-        for m in &moved {
+            let reason = plan
+                .reasons
+                .get(&(shard as u16))
+                .copied()
+                .unwrap_or(Reason::Operator);
             if self.migrations.len() == MIGRATION_LOG {
                 self.migrations.pop_front();
             }
-            self.migrations.push_back(m.clone());
+            self.migrations.push_back(Migration {
+                id: self.next_migration,
+                shard: shard as u16,
+                from: *from,
+                to: *to,
+                reason,
+                nic_time_ns: self.snapshot_ns,
+                unix_ms,
+                flows_handed_off: 0,
+                state_bytes: 0,
+                duration_ms,
+            });
+            *self.migrations_total.entry(reason.as_str()).or_default() += 1;
+            self.next_migration += 1;
         }
-        moved
+        for t in &mut self.tables.nodes {
+            let Some(s) = plan.node_states.get(&t.id) else {
+                continue;
+            };
+            if let Some(n) = self.nodes.get_mut(&t.id) {
+                // A node back in service is judged by its packets from now on.
+                if *s == NodeState::Active && n.state != NodeState::Active {
+                    n.progress_ns = None;
+                }
+                n.state = *s;
+            }
+            t.state = *s;
+        }
+        self.tables.shard_node = plan.shard_node;
+        first
     }
 
-    /// A batch failed: the NIC kept its tables, so the agent's intents that were not
-    /// committed are rolled back to what the NIC holds.
-    pub fn rolled_back(&mut self) {
-        for t in &self.tables.nodes {
-            if let Some(n) = self.nodes.get_mut(&t.id) {
-                n.state = t.state;
-            }
+    /// Migrations from id `first` on, as logged.
+    pub fn migrations_since(&self, first: u64) -> Vec<Migration> {
+        self.migrations
+            .iter()
+            .filter(|m| m.id >= first)
+            .cloned()
+            .collect()
+    }
+
+    /// Hand the planner the committed tables: after an operator's change, or a batch
+    /// the NIC refused (which leaves the planner's view ahead of the NIC). Powers the
+    /// NIC cannot show (warming, off) stay as the planner had them.
+    pub fn sync_planner(&mut self) {
+        let mut power = self.planner.power().to_vec();
+        for (id, n) in &self.nodes {
+            let Some(p) = power.get_mut(usize::from(*id)) else {
+                continue;
+            };
+            *p = match (n.held, n.state, *p) {
+                (Some(_), _, _) => Power::Failed,
+                (None, NodeState::Active, _) => Power::Active,
+                (None, NodeState::Draining, p @ (Power::Warming { .. } | Power::Draining)) => p,
+                (None, NodeState::Draining, _) => Power::Draining,
+                (None, NodeState::Down, p @ (Power::Off | Power::Failed)) => p,
+                (None, NodeState::Down, _) => Power::Off,
+            };
         }
+        self.planner.adopt(power, self.tables.shard_node.clone());
     }
 
     fn node_mut(&mut self, id: u16) -> Result<&mut Node, Refusal> {
@@ -665,27 +1140,52 @@ impl Core {
             .ok_or_else(|| Refusal::NotFound(format!("no node {id}")))
     }
 
-    /// An operator sets a node's state; shards are placed anew over the active nodes.
-    pub fn set_state(&mut self, id: u16, state: NodeState) -> Result<(), Refusal> {
+    /// The plan of an operator's change of states or weights: shards placed anew by
+    /// weight over the nodes active after it, moving the fewest.
+    fn operator_plan(&self, node_states: BTreeMap<u16, NodeState>) -> Plan {
+        let mut shard_node = self.tables.shard_node.clone();
+        let targets: Vec<(u16, u32)> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| node_states.get(id) == Some(&NodeState::Active) && n.weight > 0)
+            .map(|(id, n)| (*id, n.weight))
+            .collect();
+        place(&mut shard_node, &targets);
+        Plan {
+            node_states,
+            shard_node,
+            ..self.unchanged()
+        }
+    }
+
+    /// An operator sets a node's state: `drain` and `down` hold it there, out of the
+    /// planner's hands, until `up` returns it to service (and to the planner). Shards
+    /// are placed anew over the active nodes.
+    pub fn set_state(&mut self, id: u16, state: NodeState) -> Result<Plan, Refusal> {
         let n = self.node_mut(id)?;
-        n.state = state;
+        n.held = (state != NodeState::Active).then_some(state);
+        n.silent = false;
         n.down_reason = None;
         if state == NodeState::Active {
             n.progress_ns = None;
+            n.answered = None;
         }
-        self.replan = true;
-        Ok(())
+        let mut states: BTreeMap<u16, NodeState> =
+            self.nodes.iter().map(|(i, n)| (*i, n.state)).collect();
+        states.insert(id, state);
+        Ok(self.operator_plan(states))
     }
 
-    pub fn set_weight(&mut self, id: u16, weight: u32) -> Result<(), Refusal> {
+    /// An operator sets a node's weight: its share of shards, and of the capacity the
+    /// planner counts on.
+    pub fn set_weight(&mut self, id: u16, weight: u32) -> Result<Plan, Refusal> {
         if weight > 1_000_000 {
             return Err(Refusal::Invalid(format!(
                 "weight {weight} is outside 0..=1000000"
             )));
         }
         self.node_mut(id)?.weight = weight;
-        self.replan = true;
-        Ok(())
+        Ok(self.operator_plan(self.unchanged().node_states))
     }
 
     /// The plan of an operator's move of one shard.
@@ -711,12 +1211,77 @@ impl Core {
                 "shard {shard} is already on node {node}"
             )));
         }
-        let mut shard_node = self.tables.shard_node.clone();
-        shard_node[usize::from(shard)] = node;
-        Ok(Plan {
-            node_states: self.nodes.iter().map(|(id, n)| (*id, n.state)).collect(),
-            shard_node,
+        let mut plan = self.unchanged();
+        plan.shard_node[usize::from(shard)] = node;
+        Ok(plan)
+    }
+
+    /// A tracked flow's 5-tuple as the NIC's flow commands take it.
+    pub fn flow_tuple(&self, id: &FlowId) -> Option<nic_firmware::FlowTuple> {
+        let f = self.flows.get(id)?;
+        Some(nic_firmware::FlowTuple {
+            src: id.0,
+            dst: id.1,
+            sport: id.2,
+            dport: id.3,
+            proto: id.4,
+            ipv6: f.ipv6,
+            has_ports: matches!(id.4, 6 | 17),
         })
+    }
+
+    /// Tracked flows worth handing off: on a node in `from`, at least `min_age_ns` old
+    /// (NIC time), whose shard now sits on another node; at most `max`. Walks the flow
+    /// table, which only ticks that hand flows off do.
+    pub fn hand_off_candidates(
+        &self,
+        from: &[u16],
+        min_age_ns: u64,
+        max: usize,
+    ) -> Vec<(FlowId, u16, u16)> {
+        let mut out = Vec::new();
+        for (id, f) in &self.flows {
+            if out.len() == max {
+                break;
+            }
+            let Some(&to) = self.tables.shard_node.get(usize::from(f.shard)) else {
+                continue;
+            };
+            if from.contains(&f.node)
+                && to != f.node
+                && self.snapshot_ns.saturating_sub(f.first_ts_ns) >= min_age_ns
+            {
+                out.push((*id, f.shard, to));
+            }
+        }
+        out
+    }
+
+    /// The NIC took these handoffs (flow, shard, new node) in `duration_ms`: the flows
+    /// follow their shards, and the shard's latest migration to that node counts them.
+    pub fn handed_off(&mut self, done: &[(FlowId, u16, u16)], duration_ms: f64) {
+        let mut per_shard: BTreeMap<(u16, u16), u64> = BTreeMap::new();
+        for (id, shard, to) in done {
+            if let Some(f) = self.flows.get_mut(id) {
+                f.node = *to;
+            }
+            *per_shard.entry((*shard, *to)).or_default() += 1;
+        }
+        for ((shard, to), flows) in per_shard {
+            let bytes = flows * self.state_bytes_per_flow;
+            self.handed_off_total += flows;
+            self.state_bytes_total += bytes;
+            if let Some(m) = self
+                .migrations
+                .iter_mut()
+                .rev()
+                .find(|m| m.shard == shard && m.to == to)
+            {
+                m.flows_handed_off += flows;
+                m.state_bytes += bytes;
+                m.duration_ms += duration_ms;
+            }
+        }
     }
 
     /// The `n` tracked flows with the most bytes.
@@ -744,6 +1309,7 @@ impl Core {
         for n in &self.tables.shard_node {
             *shards_per_node.entry(*n).or_default() += 1;
         }
+        let power = self.planner.power();
         View {
             nic_time_ns: self.snapshot_ns,
             tracked_flows: self.flows.len() as u64,
@@ -762,6 +1328,12 @@ impl Core {
                     active_flows: n.active_flows,
                     traffic: n.traffic,
                     down_reason: n.down_reason.clone(),
+                    power: power
+                        .get(usize::from(*id))
+                        .copied()
+                        .unwrap_or(Power::Failed),
+                    held: n.held,
+                    drop_rate: n.drop_rate,
                     load_source: if n.metrics_url.is_some() {
                         "prometheus"
                     } else {
@@ -793,6 +1365,20 @@ impl Core {
                 .collect(),
             migrations: self.migrations.iter().cloned().collect(),
             migrations_total: self.migrations_total.clone(),
+            flows_handed_off_total: self.handed_off_total,
+            state_bytes_handed_off_total: self.state_bytes_total,
+            policy: self.planner.policy().as_str(),
+            observe_only: self.observe_only,
+            forecast: ForecastView {
+                tick: self.tick,
+                level: self.forecasts.level(),
+                horizon: self.forecasts.horizon(),
+                refit_ticks: self.refit_ticks,
+                refits_total: self.forecasts.refits_total(),
+                series: self.forecasts.view(),
+            },
+            decisions: self.decisions.iter().cloned().collect(),
+            decisions_total: self.decisions_total,
             rings: RingView {
                 telemetry_unreadable: self.unreadable,
                 ..RingView::default()
@@ -1030,6 +1616,44 @@ pub struct Agent {
     last: LoopView,
     image_version: u32,
     started: Instant,
+    migration: MigrationSettings,
+    fitter: Fitter,
+}
+
+/// The thread the forecast stage's refits run on, so a tick never waits for a fit.
+/// It ends when the agent (the jobs' sender) goes.
+struct Fitter {
+    jobs: std::sync::mpsc::Sender<Job>,
+    done: Receiver<Done>,
+}
+
+impl Fitter {
+    fn start() -> Result<Fitter, crate::Error> {
+        let (jobs, todo) = std::sync::mpsc::channel::<Job>();
+        let (finished, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("forecast-fits".into())
+            .spawn(move || {
+                // Below the loop: a job handed over must not wake this thread onto
+                // the loop's core and keep the tick waiting for a fit (measured: a
+                // third of the ticks took 2–40 ms on a busy 2-core machine without it).
+                // Failing to lower it only loses that.
+                // SAFETY: setpriority(2) on this thread's own id; no memory is passed.
+                let _ = unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10)
+                };
+                for job in todo {
+                    if finished.send(job.run()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| crate::Error::Io {
+                what: "start the forecast thread".into(),
+                source,
+            })?;
+        Ok(Fitter { jobs, done })
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -1108,6 +1732,8 @@ impl Agent {
             last: LoopView::default(),
             image_version: status.image_version,
             started: Instant::now(),
+            migration: cfg.migration.clone(),
+            fitter: Fitter::start()?,
         };
         agent.publish()?;
         Ok(agent)
@@ -1166,16 +1792,16 @@ impl Agent {
     fn handle(&mut self, req: Request) -> Result<Reply, Refusal> {
         match req {
             Request::SetState(id, s) => {
-                self.core.set_state(id, s)?;
-                self.plan_and_apply(Reason::Rebalance).map(Reply::Done)
+                let plan = self.core.set_state(id, s)?;
+                self.apply(plan).map(Reply::Done)
             }
             Request::SetWeight(id, w) => {
-                self.core.set_weight(id, w)?;
-                self.plan_and_apply(Reason::Rebalance).map(Reply::Done)
+                let plan = self.core.set_weight(id, w)?;
+                self.apply(plan).map(Reply::Done)
             }
             Request::Migrate { shard, node } => {
                 let plan = self.core.migrate(shard, node)?;
-                self.apply(plan, Reason::Operator).map(Reply::Done)
+                self.apply(plan).map(Reply::Done)
             }
             Request::TopFlows(n) => Ok(Reply::Flows(self.core.top_flows(n))),
             Request::NodeReport(id, r) => {
@@ -1186,47 +1812,85 @@ impl Agent {
         }
     }
 
-    fn plan_and_apply(&mut self, reason: Reason) -> Result<Vec<Migration>, Refusal> {
-        let plan = self.core.plan(self.clock_ms());
-        self.apply(plan, reason)
-    }
-
-    /// Stage 6: the plan as one command batch.
-    fn apply(&mut self, plan: Plan, reason: Reason) -> Result<Vec<Migration>, Refusal> {
+    /// Stage 6: the plan as one command batch, then the handoffs of flows that follow
+    /// their shards. The planner is handed the committed tables either way.
+    fn apply(&mut self, plan: Plan) -> Result<Vec<Migration>, Refusal> {
         let batch = self.core.rebalance(&plan);
-        if batch.is_empty() {
-            return Ok(self.core.committed(plan, reason));
+        let hand_off_from = plan.hand_off_from.clone();
+        let first = if batch.is_empty() {
+            self.core.committed(plan, 0.0)
+        } else {
+            let submitted = Instant::now();
+            let statuses = self.nic.submit(&batch).map_err(|e| {
+                self.core.sync_planner();
+                Refusal::Device(e.to_string())
+            })?;
+            let duration_ms = submitted.elapsed().as_secs_f64() * 1e3;
+            if let Some((d, s)) = batch
+                .iter()
+                .zip(&statuses)
+                .find(|(_, s)| **s != Status::Ok && **s != Status::Aborted)
+            {
+                self.core.sync_planner();
+                return Err(Refusal::Device(format!(
+                    "the NIC refused the batch (opcode {}, args {} {}): {}",
+                    d.opcode.get(),
+                    d.arg0.get(),
+                    d.arg1.get(),
+                    s.as_str()
+                )));
+            }
+            self.metrics.batches.inc();
+            self.core.committed(plan, duration_ms)
+        };
+        self.core.sync_planner();
+        if self.migration.hand_off && !hand_off_from.is_empty() {
+            self.hand_off(&hand_off_from)?;
         }
-        let statuses = self.nic.submit(&batch).map_err(|e| {
-            self.core.rolled_back();
-            Refusal::Device(e.to_string())
-        })?;
-        if let Some((d, s)) = batch
-            .iter()
-            .zip(&statuses)
-            .find(|(_, s)| **s != Status::Ok && **s != Status::Aborted)
-        {
-            self.core.rolled_back();
-            return Err(Refusal::Device(format!(
-                "the NIC refused the batch (opcode {}, args {} {}): {}",
-                d.opcode.get(),
-                d.arg0.get(),
-                d.arg1.get(),
-                s.as_str()
-            )));
-        }
-        let moved = self.core.committed(plan, reason);
-        self.metrics.batches.inc();
+        let moved = self.core.migrations_since(first);
         for m in &moved {
+            self.metrics.migration_seconds.observe(m.duration_ms / 1e3);
             tracing::info!(
                 shard = m.shard,
                 from = m.from,
                 to = m.to,
                 reason = m.reason.as_str(),
+                flows_handed_off = m.flows_handed_off,
+                duration_ms = m.duration_ms,
                 "shard migrated"
             );
         }
         Ok(moved)
+    }
+
+    /// Hand the long-lived tracked flows of `from` nodes off to their shards' nodes
+    /// (one `HandOffFlows` batch): the NIC moves each at its next flowlet boundary.
+    fn hand_off(&mut self, from: &[u16]) -> Result<(), Refusal> {
+        let m = &self.migration;
+        let picked =
+            self.core
+                .hand_off_candidates(from, m.min_age_ms * 1_000_000, m.max_flows_per_tick);
+        if picked.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<(nic_firmware::FlowTuple, u16)> = picked
+            .iter()
+            .filter_map(|(id, _, to)| Some((self.core.flow_tuple(id)?, *to)))
+            .collect();
+        let submitted = Instant::now();
+        let results = self
+            .nic
+            .hand_off_flows(&list)
+            .map_err(|e| Refusal::Device(e.to_string()))?;
+        let duration_ms = submitted.elapsed().as_secs_f64() * 1e3;
+        let done: Vec<(FlowId, u16, u16)> = picked
+            .into_iter()
+            .zip(results)
+            .filter(|(_, r)| *r == hdl_bindings::ring::FlowResult::Applied)
+            .map(|(p, _)| p)
+            .collect();
+        self.core.handed_off(&done, duration_ms);
+        Ok(())
     }
 
     /// One pass of every stage.
@@ -1241,17 +1905,28 @@ impl Agent {
         let t2 = Instant::now();
         self.core.profile(&records);
         let t3 = Instant::now();
-        self.core.forecast();
+        let mut refits = 0;
+        while let Ok(d) = self.fitter.done.try_recv() {
+            self.core.forecast_done(d);
+            refits += 1;
+        }
+        for job in self.core.forecast() {
+            self.fitter
+                .jobs
+                .send(job)
+                .map_err(|_| crate::Error::Agent("the forecast thread stopped".into()))?;
+        }
         let t4 = Instant::now();
         let plan = self.core.plan(self.clock_ms());
         let t5 = Instant::now();
-        if let Err(e) = self.apply(plan, Reason::Rebalance) {
+        if let Err(e) = self.apply(plan) {
             tracing::error!(error = ?e, "applying the plan failed; the NIC keeps its tables");
         }
         let t6 = Instant::now();
         let s = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
         self.last = LoopView {
             ticks: self.last.ticks + 1,
+            refits,
             ingest_s: s(t1, t2),
             profile_s: s(t2, t3),
             forecast_s: s(t3, t4),
@@ -1260,6 +1935,7 @@ impl Agent {
             total_s: s(t1, t6),
         };
         self.metrics.loop_seconds.observe(self.last.total_s);
+        self.metrics.forecast_seconds.observe(self.last.forecast_s);
         self.metrics.traffic_seconds.observe(s(t0, t1));
         self.publish()
     }
@@ -1325,7 +2001,7 @@ mod tests {
         })
     }
 
-    fn core() -> Core {
+    fn core_with(policy: Policy, observe_only: bool) -> Core {
         let tables = Tables {
             bucket_shard: (0..16).map(|b| b % 4).collect(),
             shard_node: vec![0, 1, 0, 1],
@@ -1339,14 +2015,23 @@ mod tests {
         };
         let cfg = AgentConfig {
             down_after_ms: 1_000,
+            policy,
+            planner: PlannerConfig {
+                min_active: 2,
+                observe_only,
+                ..PlannerConfig::default()
+            },
             ..AgentConfig::default()
         };
         Core::new(tables, &cfg)
     }
 
-    #[test]
-    fn a_node_that_stops_receiving_traffic_is_marked_down_and_loses_its_shards() {
-        let mut c = core();
+    fn core() -> Core {
+        core_with(Policy::Static, false)
+    }
+
+    /// Ten ticks of 200 ms in which node 1 stops receiving packets after 600 ms.
+    fn node_1_goes_quiet(c: &mut Core, mut each: impl FnMut(&mut Core, u64, Plan)) {
         let ms = 1_000_000;
         for i in 0..=10u64 {
             let node1 = if i < 3 { i * 10 } else { 30 };
@@ -1358,7 +2043,16 @@ mod tests {
                 ],
                 0,
             );
+            c.forecast();
             let plan = c.plan(0);
+            each(c, i, plan);
+        }
+    }
+
+    #[test]
+    fn a_node_that_stops_receiving_traffic_fails_and_loses_its_shards() {
+        let mut c = core_with(Policy::Reactive, false);
+        node_1_goes_quiet(&mut c, |c, i, plan| {
             let cmds = c.rebalance(&plan);
             let down = plan.node_states[&1] == NodeState::Down;
             // Node 1 last moved at 600 ms: down once 1,000 ms pass without a packet.
@@ -1367,8 +2061,8 @@ mod tests {
                 assert_eq!(plan.shard_node, vec![0, 0, 0, 0]);
                 assert_eq!(cmds.len(), 3, "node state and two shards");
             }
-            c.committed(plan, Reason::Rebalance);
-        }
+            c.committed(plan, 0.0);
+        });
         let v = c.view();
         assert!(
             v.nodes[1]
@@ -1377,7 +2071,72 @@ mod tests {
                 .unwrap()
                 .contains("no packet for")
         );
-        assert_eq!(v.migrations_total["rebalance"], 2);
+        assert_eq!(v.nodes[1].power, Power::Failed);
+        assert_eq!(v.migrations_total["failure"], 2);
+        assert!(v.migrations.iter().all(|m| m.reason == Reason::Failure));
+        assert_eq!(v.decisions.len(), 1);
+        assert!(v.decisions[0].reasons[0].contains("node 1 stopped answering"));
+    }
+
+    #[test]
+    fn static_marks_a_silent_node_down_and_moves_nothing() {
+        let mut c = core();
+        node_1_goes_quiet(&mut c, |c, i, plan| {
+            assert_eq!(plan.shard_node, vec![0, 1, 0, 1], "tick {i}");
+            c.committed(plan, 0.0);
+        });
+        assert_eq!(c.view().nodes[1].state, NodeState::Down);
+        assert!(c.view().migrations.is_empty());
+    }
+
+    #[test]
+    fn observe_only_records_the_decision_and_plans_the_committed_tables() {
+        let mut c = core_with(Policy::Reactive, true);
+        node_1_goes_quiet(&mut c, |c, _, plan| {
+            assert!(c.rebalance(&plan).is_empty());
+            c.committed(plan, 0.0);
+        });
+        let v = c.view();
+        assert!(v.observe_only);
+        assert!(v.nodes.iter().all(|n| n.state == NodeState::Active));
+        // The planner keeps deciding the failure it was not allowed to act on.
+        let d = v.decisions.last().unwrap();
+        assert!(!d.applied);
+        assert_eq!(v.decisions.len(), 1);
+        assert!(d.repeats > 0, "{d:?}");
+        assert_eq!(d.power, vec![(1, Power::Failed)]);
+        assert_eq!(d.moves.len(), 2);
+        assert!(d.moves.iter().all(|m| m.reason == Reason::Failure));
+    }
+
+    #[test]
+    fn drops_its_load_does_not_explain_move_a_nodes_shards_for_degradation() {
+        let mut c = core_with(Policy::Reactive, false);
+        let sample = |net_bytes, rx_packets, rx_drops| {
+            Report::Sample(NodeSample {
+                cpu_total_s: 1.0,
+                mem_total_bytes: 1.0,
+                net_bytes,
+                rx_packets,
+                rx_drops,
+                ..NodeSample::default()
+            })
+        };
+        c.node_report(1, sample(0.0, 0.0, 0.0), 0);
+        // 4 Gbit/s of its 10, and a tenth of what it received dropped.
+        c.node_report(1, sample(5e8, 9e5, 1e5), 1_000);
+        assert_eq!(c.view().nodes[1].drop_rate, Some(0.1));
+        for _ in 0..3 {
+            let plan = c.plan(1_000);
+            c.committed(plan, 0.0);
+        }
+        let v = c.view();
+        assert!(!v.migrations.is_empty(), "{:?}", v.decisions);
+        for m in &v.migrations {
+            assert_eq!((m.from, m.to, m.reason), (1, 0, Reason::Degradation));
+        }
+        assert!(v.decisions[0].reasons[0].starts_with("node 1 degraded"));
+        assert!(v.decisions.iter().any(|d| d.hand_off_from == vec![1]));
     }
 
     #[test]
@@ -1398,6 +2157,46 @@ mod tests {
                     .all(|s| *s == NodeState::Active)
             );
         }
+    }
+
+    #[test]
+    fn the_forecast_stage_samples_rates_and_refits_in_shares() {
+        let mut c = core();
+        let ms = 1_000_000;
+        let mut refits = 0;
+        for i in 1..=60u64 {
+            c.ingest(
+                vec![
+                    snapshot(Scope::Device, 0, i * 100 * ms, i * 100),
+                    snapshot(Scope::Node, 0, i * 100 * ms, i * 100),
+                    snapshot(Scope::Shard, 2, i * 100 * ms, i * 50),
+                ],
+                0,
+            );
+            let jobs = c.forecast();
+            // 7 classes', 2 nodes' and 4 shards' series, × 3 metrics, over
+            // refit_ticks 600: one each tick, once ten samples are in.
+            assert!(jobs.len() <= 1, "tick {i}: {}", jobs.len());
+            for j in jobs {
+                c.forecast_done(j.run());
+                refits += 1;
+            }
+        }
+        assert!(refits >= 40, "{refits}");
+        let v = c.view();
+        assert_eq!(v.forecast.refits_total, refits);
+        let s = v
+            .forecast
+            .series
+            .iter()
+            .find(|s| s.scope == "node" && s.id == "0" && s.metric == "packets_per_s")
+            .unwrap();
+        assert_eq!(s.samples, 59, "the first snapshot gives no rate");
+        let f = s.forecast.as_ref().unwrap();
+        // 100 packets every 100 ms: 1,000 packets/s, steady.
+        assert!((f.point[0] - 1_000.0).abs() < 1.0, "{:?}", f.point);
+        assert!(s.model.is_some());
+        assert!((v.nodes[0].forecast_gbps - 1_000.0 * 64.0 * 8.0 / 1e9).abs() < 1e-6);
     }
 
     fn record(client: [u8; 16], server: [u8; 16], ipv6: bool, bytes: u64) -> FeatureRecord {
@@ -1449,18 +2248,33 @@ mod tests {
     }
 
     #[test]
-    fn operator_requests_are_checked() {
-        let mut c = core();
+    fn operator_requests_are_checked_and_win_over_the_planner() {
+        let mut c = core_with(Policy::Reactive, false);
         assert_eq!(
             c.set_weight(9, 1),
             Err(Refusal::NotFound("no node 9".into()))
         );
         assert!(matches!(c.migrate(7, 0), Err(Refusal::NotFound(_))));
         assert!(matches!(c.migrate(0, 0), Err(Refusal::Conflict(_))));
-        c.set_state(1, NodeState::Draining).unwrap();
-        assert!(matches!(c.migrate(0, 1), Err(Refusal::Conflict(_))));
-        let plan = c.plan(0);
+        let plan = c.set_state(1, NodeState::Draining).unwrap();
         assert_eq!(plan.shard_node, vec![0, 0, 0, 0]);
-        assert_eq!(plan.node_states[&1], NodeState::Draining);
+        c.committed(plan, 0.0);
+        c.sync_planner();
+        assert!(matches!(c.migrate(0, 1), Err(Refusal::Conflict(_))));
+        // The planner leaves a held node alone: no restart, no shard back.
+        for _ in 0..5 {
+            let plan = c.plan(0);
+            assert_eq!(plan.shard_node, vec![0, 0, 0, 0]);
+            assert_eq!(plan.node_states[&1], NodeState::Draining);
+            c.committed(plan, 0.0);
+        }
+        let v = c.view();
+        assert_eq!(v.migrations_total["operator"], 2);
+        assert_eq!(v.nodes[1].held, Some(NodeState::Draining));
+        let plan = c.set_state(1, NodeState::Active).unwrap();
+        assert_eq!(plan.shard_node.iter().filter(|n| **n == 1).count(), 2);
+        c.committed(plan, 0.0);
+        c.sync_planner();
+        assert_eq!(c.view().nodes[1].power, Power::Active);
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::nic_config::ConfigFileError;
+use crate::planner::{PlannerConfig, Policy};
 
 /// How the agent reaches its NIC.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,10 +108,59 @@ pub struct AgentConfig {
     /// Period of scraping nodes' `metrics_url`, and the longest a scrape may take.
     pub node_scrape_ms: u64,
     pub command_ring_log2: u32,
+    /// How the plan stage decides: `static` (every node on, nothing moves but what
+    /// operators move), `reactive` (measured-load thresholds) or `predictive`
+    /// (forecasts, with the reactive rules as a safety net). `--policy` overrides it.
+    pub policy: Policy,
+    /// The planner's knobs (`planner::PlannerConfig`), unknown keys refused.
+    pub planner: PlannerConfig,
+    /// Time a node the planner starts needs before it can take flows. Starting and
+    /// stopping nodes is outside the agent: it logs the decision, records it in the
+    /// node's `power`, and steers no flow to the node until it is warm.
+    pub node_warmup_ms: u64,
+    pub forecast: ForecastSettings,
+    pub migration: MigrationSettings,
     pub telemetry: TelemetrySettings,
     pub emulated: EmulatedSettings,
     /// Per-node settings; nodes the image defines but this list omits get the defaults.
     pub nodes: Vec<NodeSettings>,
+}
+
+/// The forecast stage: a series per class, node and shard (packets/s, bytes/s, new
+/// flows/s), one sample per tick.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForecastSettings {
+    /// Coverage of the prediction intervals; the predictive policy plans with their
+    /// upper bound.
+    pub level: f64,
+    /// Every series is refitted once per this many ticks. The refits are spread over
+    /// the ticks (a share of the series each tick), so no tick pays for all of them.
+    pub refit_ticks: u64,
+    /// Samples kept per series (the bounded history the models are fitted on).
+    pub history: usize,
+    /// Seasonal periods in ticks; empty to detect each series' own when its model is
+    /// chosen.
+    pub periods: Vec<usize>,
+}
+
+/// Moving established flows with their shards.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSettings {
+    /// Hand long-lived tracked flows off to their shard's new node (`HandOffFlows`)
+    /// when the planner wants them off a node (draining, or overloaded). Only where
+    /// the nodes carry a flow's state over themselves (shared or synchronised
+    /// connection state): the agent moves the NIC's steering, not the node's state.
+    pub hand_off: bool,
+    /// Flows younger than this stay where they are: most short flows end before a
+    /// handoff pays off.
+    pub min_age_ms: u64,
+    /// Connection state a node exports per handed-off flow, as recorded in each
+    /// migration's `state_bytes` (the agent does not see the nodes' transfer).
+    pub state_bytes_per_flow: u64,
+    /// Flows handed off per tick at most.
+    pub max_flows_per_tick: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -171,9 +221,36 @@ impl Default for AgentConfig {
             max_tracked_flows: 2_000_000,
             node_scrape_ms: 1_000,
             command_ring_log2: 12,
+            policy: Policy::Static,
+            planner: PlannerConfig::default(),
+            node_warmup_ms: 60_000,
+            forecast: ForecastSettings::default(),
+            migration: MigrationSettings::default(),
             telemetry: TelemetrySettings::default(),
             emulated: EmulatedSettings::default(),
             nodes: Vec::new(),
+        }
+    }
+}
+
+impl Default for ForecastSettings {
+    fn default() -> Self {
+        ForecastSettings {
+            level: 0.8,
+            refit_ticks: 600,
+            history: 600,
+            periods: Vec::new(),
+        }
+    }
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        MigrationSettings {
+            hand_off: false,
+            min_age_ms: 10_000,
+            state_bytes_per_flow: 512,
+            max_flows_per_tick: 1_024,
         }
     }
 }
@@ -239,6 +316,54 @@ impl AgentConfig {
             return bad(
                 "command_ring_log2",
                 format!("{} is outside 4..={max_cmd}", self.command_ring_log2),
+            );
+        }
+        if let Err(e) = self.planner.validate() {
+            // The planner's messages start with the key they are about.
+            let (key, why) = e.split_once(' ').unwrap_or(("planner", e.as_str()));
+            return bad(key, why.to_string());
+        }
+        if self.node_warmup_ms > 86_400_000 {
+            return bad(
+                "node_warmup_ms",
+                format!("{} is more than a day (86400000)", self.node_warmup_ms),
+            );
+        }
+        let f = &self.forecast;
+        if !(f.level > 0.0 && f.level < 1.0) {
+            return bad(
+                "forecast.level",
+                format!("{} must lie strictly between 0 and 1", f.level),
+            );
+        }
+        if !(1..=100_000).contains(&f.refit_ticks) {
+            return bad(
+                "forecast.refit_ticks",
+                format!("{} is outside 1..=100000", f.refit_ticks),
+            );
+        }
+        if !(30..=100_000).contains(&f.history) {
+            return bad(
+                "forecast.history",
+                format!(
+                    "{} is outside 30..=100000 (models need a few dozen samples)",
+                    f.history
+                ),
+            );
+        }
+        if let Some(p) = f.periods.iter().find(|p| **p < 2 || 2 * **p >= f.history) {
+            return bad(
+                "forecast.periods",
+                format!(
+                    "period {p} must be at least 2 and fit twice in forecast.history ({})",
+                    f.history
+                ),
+            );
+        }
+        if self.migration.max_flows_per_tick == 0 || self.migration.max_flows_per_tick > 65_536 {
+            return bad(
+                "migration.max_flows_per_tick",
+                format!("{} is outside 1..=65536", self.migration.max_flows_per_tick),
             );
         }
         let max_telem = hdl_bindings::ring::MAX_TELEMETRY_RING_LOG2;
@@ -386,6 +511,15 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.device, DeviceSpec::InProcess);
         assert!(c.token.is_some());
+        assert_eq!(
+            c.planner,
+            PlannerConfig {
+                max_active: 1024,
+                ..PlannerConfig::default()
+            }
+        );
+        assert_eq!(c.forecast, ForecastSettings::default());
+        assert_eq!(c.migration, MigrationSettings::default());
         assert_eq!(parse("", Path::new("x")).unwrap(), AgentConfig::default());
     }
 
@@ -424,6 +558,57 @@ mod tests {
             e.contains("`nodes[0].capacity_gbps`: -1 is not a positive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn policy_planner_and_forecast_keys_are_read_and_checked() {
+        let c = parse(
+            "policy = \"predictive\"\n[planner]\nmin_active = 2\nobserve_only = true\n\
+             sharded_classes = [\"video\"]\n[forecast]\nlevel = 0.9\nrefit_ticks = 10\n\
+             history = 100\nperiods = [24]\n[migration]\nhand_off = true",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.policy, Policy::Predictive);
+        assert_eq!(c.planner.min_active, 2);
+        assert!(c.planner.observe_only && c.migration.hand_off);
+        assert_eq!(c.planner.sharded_classes, vec![nic_firmware::Class::Video]);
+        assert_eq!(
+            (c.forecast.refit_ticks, c.forecast.periods.clone()),
+            (10, vec![24])
+        );
+        let e = err("policy = \"psychic\"");
+        assert!(
+            e.contains(
+                "unknown variant `psychic`, expected one of `static`, `reactive`, `predictive`"
+            ),
+            "{e}"
+        );
+        let e = err("[planner]\ntarget_utilisaton = 0.5");
+        assert!(e.contains("unknown field `target_utilisaton`"), "{e}");
+        let e = err("[planner]\ntarget_utilisation = 1.5");
+        assert!(
+            e.contains("`planner.target_utilisation`: must lie in (0, 1], got 1.5"),
+            "{e}"
+        );
+        let e = err("[planner]\nmin_active = 0");
+        assert!(e.contains("`planner.min_active`"), "{e}");
+        let e = err("[planner]\nhigh_utilisation = 0.5");
+        assert!(
+            e.contains("`planner.high_utilisation`: must not be below"),
+            "{e}"
+        );
+        let e = err("[planner]\nsharded_classes = [\"cat-videos\"]");
+        assert!(e.contains("unknown variant `cat-videos`"), "{e}");
+        assert!(err("[forecast]\nlevel = 1.0").contains("`forecast.level`"));
+        assert!(err("[forecast]\nrefit_ticks = 0").contains("`forecast.refit_ticks`"));
+        assert!(err("[forecast]\nhistory = 5").contains("`forecast.history`: 5 is outside"));
+        let e = err("[forecast]\nhistory = 100\nperiods = [60]");
+        assert!(e.contains("`forecast.periods`: period 60 must be"), "{e}");
+        assert!(err("[forecast]\nlevl = 0.5").contains("unknown field `levl`"));
+        let e = err("[migration]\nmax_flows_per_tick = 0");
+        assert!(e.contains("`migration.max_flows_per_tick`"), "{e}");
+        assert!(err("node_warmup_ms = 99999999999").contains("`node_warmup_ms`"));
     }
 
     #[test]

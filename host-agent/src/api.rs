@@ -75,6 +75,7 @@ pub fn router(api: Api) -> Router {
         .route("/flows", get(flows))
         .route("/forecast", get(forecast))
         .route("/migrations", get(migrations).post(migrate))
+        .route("/decisions", get(decisions))
         .route("/metrics", get(metrics))
         .route("/nodes/{id}/drain", post(drain))
         .route("/nodes/{id}/up", post(up))
@@ -83,7 +84,7 @@ pub fn router(api: Api) -> Router {
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
-                "no such endpoint; see GET /status, /nodes, /shards, /flows, /forecast, /migrations, /metrics".into(),
+                "no such endpoint; see GET /status, /nodes, /shards, /flows, /forecast, /migrations, /decisions, /metrics".into(),
             )
         })
         .with_state(api)
@@ -149,6 +150,12 @@ async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
         "nodes_down": nodes_by_state(NodeState::Down),
         "shards": v.shards.len(),
         "migrations_total": v.migrations_total,
+        "flows_handed_off_total": v.flows_handed_off_total,
+        "state_bytes_handed_off_total": v.state_bytes_handed_off_total,
+        "policy": v.policy,
+        "observe_only": v.observe_only,
+        "decisions_total": v.decisions_total,
+        "forecast_refits_total": v.forecast.refits_total,
         "rings": v.rings,
         "loop": v.loop_,
     }))
@@ -162,14 +169,81 @@ async fn shards(State(api): State<Api>) -> Json<serde_json::Value> {
     Json(json!(api.view().shards))
 }
 
-async fn forecast(State(api): State<Api>) -> Json<serde_json::Value> {
+/// Steps `/forecast` shows per series unless `?steps=N` asks for more (up to the
+/// horizon): 228 series of the default image at the full horizon are megabytes.
+pub const DEFAULT_FORECAST_STEPS: usize = 10;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForecastQuery {
+    steps: Option<usize>,
+    scope: Option<String>,
+}
+
+/// Per series (class, node, shard × packets/s, bytes/s, new flows/s): the chosen
+/// model and the point forecast and interval for the next steps, read from the last
+/// refit at the current tick's offset.
+async fn forecast(
+    State(api): State<Api>,
+    q: Result<Query<ForecastQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(bad_request)?;
     let v = api.view();
+    let f = &v.forecast;
+    let steps = q.steps.unwrap_or(DEFAULT_FORECAST_STEPS);
+    if steps == 0 || steps > f.horizon {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("steps={steps}: must be 1..={} (the horizon)", f.horizon),
+        ));
+    }
+    if let Some(s) = q
+        .scope
+        .as_deref()
+        .filter(|s| !["class", "node", "shard"].contains(s))
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("scope={s}: must be class, node or shard"),
+        ));
+    }
+    let series: Vec<_> = f
+        .series
+        .iter()
+        .filter(|s| q.scope.as_deref().is_none_or(|w| w == s.scope))
+        .map(|s| {
+            let mut out = json!(s);
+            if let Some(fc) = &s.forecast {
+                let off = (f.tick.saturating_sub(s.made_at_tick) as usize).min(fc.point.len());
+                let end = (off + steps).min(fc.point.len());
+                out["point"] = json!(fc.point[off..end]);
+                out["lower"] = json!(fc.lower[off..end]);
+                out["upper"] = json!(fc.upper[off..end]);
+            }
+            out
+        })
+        .collect();
     let nodes: Vec<_> = v
         .nodes
         .iter()
-        .map(|n| json!({"node": n.id, "load_gbps": n.load_gbps, "forecast_gbps": n.forecast_gbps, "capacity_gbps": n.capacity_gbps}))
+        .map(|n| json!({"node": n.id, "load_gbps": n.load_gbps, "forecast_gbps": n.forecast_gbps, "capacity_gbps": n.capacity_gbps, "power": n.power}))
         .collect();
-    Json(json!({"model": "persistence", "nic_time_ns": v.nic_time_ns, "nodes": nodes}))
+    Ok(Json(json!({
+        "policy": v.policy,
+        "nic_time_ns": v.nic_time_ns,
+        "tick": f.tick,
+        "level": f.level,
+        "horizon": f.horizon,
+        "refit_ticks": f.refit_ticks,
+        "refits_total": f.refits_total,
+        "steps": steps,
+        "nodes": nodes,
+        "series": series,
+    })))
+}
+
+async fn decisions(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!(api.view().decisions))
 }
 
 async fn migrations(State(api): State<Api>) -> Json<serde_json::Value> {

@@ -103,6 +103,9 @@ pub enum Command {
         /// Log as JSON lines instead of human-readable text.
         #[arg(long)]
         log_json: bool,
+        /// The planner's policy, overriding `policy` in the config.
+        #[arg(long, value_enum)]
+        policy: Option<AgentPolicy>,
     },
     /// Live view of a running agent: nodes, shards, classes, migrations.
     Top {
@@ -339,6 +342,24 @@ pub enum ImageCommand {
     },
 }
 
+/// `--policy` of `agent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentPolicy {
+    Static,
+    Reactive,
+    Predictive,
+}
+
+impl From<AgentPolicy> for Policy {
+    fn from(p: AgentPolicy) -> Policy {
+        match p {
+            AgentPolicy::Static => Policy::Static,
+            AgentPolicy::Reactive => Policy::Reactive,
+            AgentPolicy::Predictive => Policy::Predictive,
+        }
+    }
+}
+
 /// `--policy` of `simulate`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SimPolicy {
@@ -420,8 +441,12 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             config,
             listen,
             log_json,
+            policy,
         } => {
             let mut cfg = agent_config::load(config.as_deref())?;
+            if let Some(p) = policy {
+                cfg.policy = p.into();
+            }
             if let Some(l) = listen {
                 cfg.listen = l;
             }

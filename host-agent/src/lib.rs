@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod agent_bench;
 pub mod agent_config;
+pub mod agent_forecast;
 pub mod api;
 pub mod bench;
 pub mod classify;

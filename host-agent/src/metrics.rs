@@ -24,6 +24,10 @@ pub struct LoopMetrics {
     pub loop_seconds: Histogram,
     /// The in-process NIC's synthetic traffic of one tick (not part of the loop).
     pub traffic_seconds: Histogram,
+    /// The forecast stage of one tick (samples in, this tick's share of refits).
+    pub forecast_seconds: Histogram,
+    /// A shard migration: submit to the NIC's commit acknowledgement, plus handoffs.
+    pub migration_seconds: Histogram,
     /// Command batches the NIC committed.
     pub batches: Counter,
 }
@@ -34,6 +38,8 @@ impl LoopMetrics {
         let m = Arc::new(LoopMetrics {
             loop_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
             traffic_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
+            forecast_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
+            migration_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
             batches: Counter::default(),
         });
         let r = registry.sub_registry_with_prefix("flowshard");
@@ -41,6 +47,16 @@ impl LoopMetrics {
             "loop_duration_seconds",
             "One control-loop tick: ingest, profile, forecast, plan, apply",
             m.loop_seconds.clone(),
+        );
+        r.register(
+            "forecast_duration_seconds",
+            "The forecast stage of one tick: samples in, its share of refits",
+            m.forecast_seconds.clone(),
+        );
+        r.register(
+            "migration_duration_seconds",
+            "A shard migration, from submitting its batch to the NIC's commit acknowledgement, plus its flows' handoffs",
+            m.migration_seconds.clone(),
         );
         r.register(
             "synthetic_traffic_duration_seconds",
@@ -286,17 +302,51 @@ impl Collector for ViewCollector {
             "Flows in the NIC's connection table",
             [(vec![], gauge(v.flows_active_on_nic.into()))],
         )?;
-        let reasons = ["operator", "rebalance"];
         family(
             e,
             "migrations",
-            "Shards moved to another node",
-            reasons.iter().map(|r| {
+            "Shards moved to another node, by why",
+            crate::agent::Reason::ALL.iter().map(|r| {
                 (
-                    vec![("reason", r.to_string())],
-                    counter(v.migrations_total.get(r).copied().unwrap_or(0)),
+                    vec![("reason", r.as_str().to_string())],
+                    counter(v.migrations_total.get(r.as_str()).copied().unwrap_or(0)),
                 )
             }),
+        )?;
+        family(
+            e,
+            "migration_flows_handed_off",
+            "Established flows handed off to their shard's new node",
+            [(vec![], counter(v.flows_handed_off_total))],
+        )?;
+        family(
+            e,
+            "migration_state_bytes",
+            "Connection state handed off with those flows, bytes",
+            [(vec![], counter(v.state_bytes_handed_off_total))],
+        )?;
+        family(
+            e,
+            "planner_decisions",
+            "Planner decisions that changed something (applied, or observe-only recorded)",
+            [(vec![], counter(v.decisions_total))],
+        )?;
+        family(
+            e,
+            "planner_policy",
+            "1 for the planner's policy",
+            crate::planner::Policy::ALL.iter().map(|p| {
+                (
+                    vec![("policy", p.as_str().to_string())],
+                    gauge(if p.as_str() == v.policy { 1.0 } else { 0.0 }),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "forecast_refits",
+            "Series refitted by the forecast stage",
+            [(vec![], counter(v.forecast.refits_total))],
         )?;
         let l = &v.loop_;
         let stage = |s: &'static str, x: f64| (vec![("stage", s.to_string())], gauge(x));

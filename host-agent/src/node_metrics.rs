@@ -20,6 +20,10 @@ pub struct NodeSample {
     pub mem_available_bytes: f64,
     /// Bytes received and sent on every interface but loopback.
     pub net_bytes: f64,
+    /// Packets received, and received packets dropped, on every interface but
+    /// loopback (`node_network_receive_{packets,drop}_total`): the node's drop rate.
+    pub rx_packets: f64,
+    pub rx_drops: f64,
 }
 
 /// What one scrape gave.
@@ -63,6 +67,12 @@ pub fn parse(text: &str) -> Result<NodeSample, String> {
                 if m.labels.get("device") != Some("lo") =>
             {
                 s.net_bytes += v
+            }
+            "node_network_receive_packets_total" if m.labels.get("device") != Some("lo") => {
+                s.rx_packets += v
+            }
+            "node_network_receive_drop_total" if m.labels.get("device") != Some("lo") => {
+                s.rx_drops += v
             }
             _ => {}
         }

@@ -317,6 +317,15 @@ impl Planner {
         &self.derate
     }
 
+    /// Continue from tables changed outside the planner, as if it had decided them:
+    /// the agent applies operators' requests (which win over the planner for the nodes
+    /// they touch) and corrects decisions for nodes operators hold, then hands the
+    /// result back here. The scale-down window and derating carry on.
+    pub fn adopt(&mut self, power: Vec<Power>, shard_node: Vec<u16>) {
+        self.power = power;
+        self.shard_node = shard_node;
+    }
+
     /// Decide one tick. Unless observe-only, the planner's own view (power, shard table,
     /// groups) moves to the decision: the caller applies it in one batch.
     pub fn decide(&mut self, input: &Inputs<'_>) -> Actions {

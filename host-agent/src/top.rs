@@ -49,6 +49,18 @@ pub fn frame(base: &str) -> Result<String, Error> {
         num(lp, "total_s") * 1e3,
         t(&lp["ticks"]),
     );
+    let _ = writeln!(
+        o,
+        "planner: {}{}, forecast stage {:.3} ms, {} decisions",
+        status["policy"].as_str().unwrap_or("?"),
+        if status["observe_only"] == true {
+            " (observe-only)"
+        } else {
+            ""
+        },
+        num(lp, "forecast_s") * 1e3,
+        t(&status["decisions_total"]),
+    );
     let r = &status["rings"];
     let _ = writeln!(
         o,
@@ -61,15 +73,29 @@ pub fn frame(base: &str) -> Result<String, Error> {
     );
     let _ = writeln!(
         o,
-        "{:>4}  {:<8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>12} {:>14}",
-        "NODE", "STATE", "WEIGHT", "SHARDS", "LOAD", "FORECAST", "CAPACITY", "ACTIVE", "PACKETS"
+        "{:>4}  {:<8} {:<8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>12} {:>14}",
+        "NODE",
+        "STATE",
+        "POWER",
+        "WEIGHT",
+        "SHARDS",
+        "LOAD",
+        "FORECAST",
+        "CAPACITY",
+        "ACTIVE",
+        "PACKETS"
     );
     for n in nodes.as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
-            "{:>4}  {:<8} {:>6} {:>6} {:>8.3}G {:>8.3}G {:>8.1}G {:>12} {:>14}",
+            "{:>4}  {:<8} {:<8} {:>6} {:>6} {:>8.3}G {:>8.3}G {:>8.1}G {:>12} {:>14}",
             t(&n["id"]),
             n["state"].as_str().unwrap_or("?"),
+            // `warming` comes as an object with its ready tick.
+            n["power"]
+                .as_str()
+                .or_else(|| n["power"].as_object()?.keys().next().map(String::as_str))
+                .unwrap_or("?"),
             t(&n["weight"]),
             t(&n["shards"]),
             num(n, "load_gbps"),

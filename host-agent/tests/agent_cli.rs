@@ -35,6 +35,12 @@ fn bad_configs_exit_64_and_say_which_key_and_why() {
             "invalid type: string \"big\"",
         ),
         ("tick_ms = 5", "`tick_ms`: 5 is outside 10..=60000"),
+        ("policy = \"psychic\"", "unknown variant `psychic`"),
+        ("[planner]\nmax_moves = 3", "unknown field `max_moves`"),
+        (
+            "[planner]\ntolerance = 1.5",
+            "`planner.tolerance`: must lie in [0, 1), got 1.5",
+        ),
         (
             "[[nodes]]\nid = 0\ncapacity_gbps = 0.0",
             "`nodes[0].capacity_gbps`",
@@ -115,7 +121,14 @@ fn an_agent_finding_the_nic_busy_with_another_client_says_so() {
 #[test]
 fn a_running_agent_answers_top_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
-        .args(["agent", "--listen", "127.0.0.1:0", "--log-json"])
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-json",
+            "--policy",
+            "predictive",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -148,7 +161,8 @@ fn a_running_agent_answers_top_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(frame.contains("in-process image v1"), "{frame}");
-    assert!(frame.contains("NODE  STATE"), "{frame}");
+    assert!(frame.contains("NODE  STATE    POWER"), "{frame}");
+    assert!(frame.contains("planner: predictive,"), "{frame}");
     // SAFETY: kill(2) on the child this test spawned and has not yet reaped.
     let r = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(r, 0);

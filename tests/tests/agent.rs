@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use flowshard::agent::Backend;
 use flowshard::agent_config::{AgentConfig, Secret};
+use flowshard::planner::Policy;
 use hw_sim::device::NicDevice;
 use hw_sim::generate::{FRAME_LEN, WIRE_LEN, write_frame};
 use nic_firmware::config::NodeState;
@@ -236,8 +237,9 @@ fn the_api_serves_the_nics_view_and_guards_every_change() {
     assert_eq!(top[0]["packets"], 8);
     assert!(top[0]["client"].as_str().unwrap().starts_with("10.0."));
     let (_, fc) = agent.get("/forecast");
-    assert_eq!(fc["model"], "persistence");
+    assert_eq!(fc["policy"], "static");
     assert_eq!(fc["nodes"].as_array().unwrap().len(), 4);
+    assert_eq!(s["policy"], "static");
     assert_eq!(agent.get("/migrations").1, json!([]));
 
     // Bad requests: JSON errors with the status code that says whose fault it is.
@@ -319,7 +321,11 @@ fn the_api_serves_the_nics_view_and_guards_every_change() {
         )),
         "{text}"
     );
-    assert!(text.contains("flowshard_migrations_total{reason=\"operator\"} 1\n"));
+    // The operator's move, and the weight's.
+    assert!(text.contains(&format!(
+        "flowshard_migrations_total{{reason=\"operator\"}} {}\n",
+        1 + on2 - 16
+    )));
     promtool_check(&text);
 
     agent.stop().unwrap();
@@ -383,7 +389,7 @@ fn a_drained_node_keeps_its_flows_until_they_end_and_takes_no_new_ones() {
     assert!(
         moved
             .iter()
-            .all(|m| m["from"] == 1 && m["to"] != 1 && m["reason"] == "rebalance")
+            .all(|m| m["from"] == 1 && m["to"] != 1 && m["reason"] == "operator")
     );
     assert!(wire.tables().2.contains(&(1, NodeState::Draining)));
 
@@ -551,13 +557,16 @@ fn node_exporter(healthy: Arc<std::sync::atomic::AtomicBool>) -> String {
 }
 
 #[test]
-fn a_node_whose_endpoint_stops_answering_is_marked_down_and_loses_its_shards() {
+fn a_node_whose_endpoint_stops_answering_fails_and_the_planner_moves_its_shards() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let healthy = Arc::new(AtomicBool::new(true));
     let url = node_exporter(healthy.clone());
     let mut cfg = config(Some(TOKEN));
     cfg.node_scrape_ms = 50;
     cfg.down_after_ms = 400;
+    // Reactive moves a failed node's shards; four nodes kept, so it drains none.
+    cfg.policy = Policy::Reactive;
+    cfg.planner.min_active = 4;
     cfg.nodes = vec![flowshard::agent_config::NodeSettings {
         id: 2,
         capacity_gbps: 25.0,
@@ -607,5 +616,284 @@ fn a_node_whose_endpoint_stops_answering_is_marked_down_and_loses_its_shards() {
     let wire = Wire { model, now_ns: 0 };
     let (_, shard_node, nodes) = wire.tables();
     assert!(nodes.contains(&(2, NodeState::Down)) && !shard_node.contains(&2));
+    assert_eq!(agent.get("/nodes").1[2]["power"], "failed");
+    let (_, moved) = agent.get("/migrations");
+    let moved = moved.as_array().unwrap();
+    assert_eq!(moved.len(), 16, "{moved:?}");
+    for m in moved {
+        assert_eq!(
+            (m["from"].as_u64(), m["reason"].as_str()),
+            (Some(2), Some("failure"))
+        );
+        assert!(m["duration_ms"].as_f64().unwrap() > 0.0, "{m}");
+        assert_eq!(m["flows_handed_off"], 0);
+    }
+    let (_, decisions) = agent.get("/decisions");
+    let d = &decisions.as_array().unwrap()[0];
+    assert_eq!(
+        (d["applied"].as_bool(), d["policy"].as_str()),
+        (Some(true), Some("reactive"))
+    );
+    assert!(
+        d["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("node 2 stopped answering")
+    );
+    let (_, text) = agent.text("/metrics");
+    openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
+    promtool_check(&text);
+    for line in [
+        "flowshard_migrations_total{reason=\"failure\"} 16\n",
+        "flowshard_migrations_total{reason=\"operator\"} 0\n",
+        "flowshard_migration_duration_seconds_count 16\n",
+        "flowshard_migration_flows_handed_off_total{} 0\n",
+        "flowshard_planner_policy{policy=\"reactive\"} 1.0\n",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+    agent.stop().unwrap();
+}
+
+/// An agent with a config of its own, offering its own synthetic traffic.
+fn busy_config(policy: Policy) -> AgentConfig {
+    let mut c = AgentConfig {
+        token: Some(Secret::new(TOKEN)),
+        tick_ms: 20,
+        down_after_ms: 600_000,
+        policy,
+        ..AgentConfig::default()
+    };
+    c.telemetry.snapshot_ms = 20;
+    c.emulated.flows = 2_000;
+    c.emulated.new_flows_per_tick = 20;
+    c.emulated.packets_per_tick = 2_000;
+    c.forecast.refit_ticks = 10;
+    c.forecast.history = 200;
+    c.planner.min_active = 4;
+    c.validate().unwrap();
+    c
+}
+
+#[test]
+fn predictive_forecasts_every_series_and_shows_model_point_and_interval() {
+    let model = fresh_nic();
+    let agent = start(busy_config(Policy::Predictive), model);
+    // 7 classes, 4 nodes, 64 shards; packets/s, bytes/s, new flows/s each.
+    let series = 3 * (7 + 4 + 64);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fc = loop {
+        let (code, fc) = agent.get("/forecast?steps=3");
+        assert_eq!(code, 200, "{fc}");
+        let s = fc["series"].as_array().unwrap();
+        if s.len() == series && s.iter().all(|s| s["model"].is_string()) {
+            break fc;
+        }
+        assert!(Instant::now() < deadline, "series without a model: {fc}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(fc["policy"], "predictive");
+    assert_eq!(fc["steps"], 3);
+    let models = ["seasonal_naive", "ets", "mstl", "arima", "combination"];
+    let bytes0 = fc["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scope"] == "node" && s["id"] == "0" && s["metric"] == "bytes_per_s")
+        .unwrap();
+    assert!(
+        models.contains(&bytes0["model"].as_str().unwrap()),
+        "{bytes0}"
+    );
+    let (p, lo, hi) = (&bytes0["point"], &bytes0["lower"], &bytes0["upper"]);
+    assert_eq!(p.as_array().unwrap().len(), 3, "{bytes0}");
+    for i in 0..3 {
+        let (p, lo, hi) = (
+            p[i].as_f64().unwrap(),
+            lo[i].as_f64().unwrap(),
+            hi[i].as_f64().unwrap(),
+        );
+        assert!(lo <= p && p <= hi && p > 0.0, "step {i}: {lo} {p} {hi}");
+    }
+    let (_, classes) = agent.get("/forecast?scope=class");
+    let classes = classes["series"].as_array().unwrap();
+    assert_eq!(classes.len(), 21);
+    assert!(
+        classes
+            .iter()
+            .all(|s| s["point"].as_array().unwrap().len() == 10)
+    );
+    let (code, e) = agent.get("/forecast?steps=0");
+    assert_eq!(code, 400);
+    assert!(error(&e).contains("steps=0: must be 1..="), "{e}");
+    let (code, e) = agent.get("/forecast?scope=planet");
+    assert_eq!(code, 400, "{e}");
+    let s = agent.wait_for(|s| s["loop"]["ticks"].as_u64() >= Some(100));
+    assert_eq!(
+        (s["policy"].as_str(), s["observe_only"].as_bool()),
+        (Some("predictive"), Some(false))
+    );
+    assert!(s["forecast_refits_total"].as_u64() > Some(series as u64));
+    eprintln!(
+        "tick {:.3} ms, forecast stage {:.3} ms ({} refits), plan {:.3} ms",
+        s["loop"]["total_s"].as_f64().unwrap() * 1e3,
+        s["loop"]["forecast_s"].as_f64().unwrap() * 1e3,
+        s["loop"]["refits"],
+        s["loop"]["plan_s"].as_f64().unwrap() * 1e3,
+    );
+    let nodes = agent.get("/nodes").1;
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["power"] == "active")
+    );
+    agent.stop().unwrap();
+}
+
+/// Four packets of every flow of `flows`: with the four each sent before, its 8th
+/// packet gives an early record, and the agent tracks it.
+fn establish(wire: &mut Wire, flows: std::ops::Range<u32>) {
+    for _ in 0..4 {
+        wire.send(flows.clone(), false);
+        wire.wait(1);
+    }
+}
+
+#[test]
+fn reactive_drains_an_idle_pool_hands_long_flows_off_and_records_each_move() {
+    let model = fresh_nic();
+    let mut wire = Wire {
+        model: model.clone(),
+        now_ns: 0,
+    };
+    // Flows established before the agent starts, their early records (at the 8th
+    // packet) not sent yet: the agent tracks them from their records.
+    for _ in 0..3 {
+        wire.send(0..2_000, false);
+        wire.wait(1);
+    }
+    let before = wire.nodes(0..2_000);
+    let mut cfg = config(Some(TOKEN));
+    cfg.policy = Policy::Reactive;
+    cfg.migration.hand_off = true;
+    cfg.migration.min_age_ms = 0;
+    cfg.validate().unwrap();
+    let agent = start(cfg, model.clone());
+    // Idle nodes: HPA's count is one node, kept once the scale-down window is full.
+    agent.wait_for(|s| s["nodes_active"] == 1);
+    establish(&mut wire, 0..2_000);
+    let (_, shard_node, states) = wire.tables();
+    let kept: Vec<u16> = states
+        .iter()
+        .filter(|s| s.1 == NodeState::Active)
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(shard_node.iter().all(|n| *n == kept[0]));
+    let (_, moved) = agent.get("/migrations");
+    let moved = moved.as_array().unwrap();
+    assert_eq!(moved.len(), 48, "{moved:?}");
+    assert!(
+        moved
+            .iter()
+            .all(|m| m["reason"] == "scale" && m["to"] == kept[0])
+    );
+    // Every flow the agent tracked on a draining node was handed off to the kept one.
+    let on_drained = before.iter().filter(|n| **n != kept[0]).count() as u64;
+    let s = agent.wait_for(|s| s["flows_handed_off_total"].as_u64() == Some(on_drained));
+    assert_eq!(s["migrations_total"]["scale"], 48);
+    let (_, moved) = agent.get("/migrations");
+    let moved = moved.as_array().unwrap();
+    let handed: u64 = moved
+        .iter()
+        .map(|m| m["flows_handed_off"].as_u64().unwrap())
+        .sum();
+    assert_eq!(handed, on_drained);
+    let bytes: u64 = moved
+        .iter()
+        .map(|m| m["state_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(bytes, handed * 512);
+    // The NIC moves a handed-off flow at its next flowlet boundary: after a gap.
+    wire.wait(1_000);
+    assert!(wire.nodes(0..2_000).iter().all(|n| *n == kept[0]));
+    let (_, text) = agent.text("/metrics");
+    openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
+    assert!(
+        text.contains("flowshard_migrations_total{reason=\"scale\"} 48\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "flowshard_migration_flows_handed_off_total{{}} {on_drained}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "flowshard_migration_state_bytes_total{{}} {}\n",
+            on_drained * 512
+        )),
+        "{text}"
+    );
+    let (_, decisions) = agent.get("/decisions");
+    assert!(decisions.as_array().unwrap().iter().any(|d| {
+        d["applied"] == true
+            && d["power"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p[1] == "draining")
+    }));
+    agent.stop().unwrap();
+}
+
+#[test]
+fn observe_only_records_decisions_and_leaves_the_nic_tables_untouched() {
+    let model = fresh_nic();
+    let wire = Wire {
+        model: model.clone(),
+        now_ns: 0,
+    };
+    let tables = wire.tables();
+    let mut cfg = config(Some(TOKEN));
+    cfg.policy = Policy::Reactive;
+    cfg.planner.observe_only = true;
+    cfg.validate().unwrap();
+    let agent = start(cfg, model.clone());
+    let s = agent.wait_for(|s| s["loop"]["ticks"].as_u64() >= Some(20));
+    assert_eq!(s["observe_only"], true);
+    assert_eq!(s["nodes_active"], 4);
+    let (_, decisions) = agent.get("/decisions");
+    let d = decisions.as_array().unwrap();
+    assert_eq!(d.len(), 1, "the same decision, repeated: {d:?}");
+    assert_eq!(d[0]["applied"], false);
+    assert!(d[0]["repeats"].as_u64() > Some(5), "{d:?}");
+    let draining = d[0]["power"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[1] == "draining")
+        .count();
+    assert_eq!(draining, 3, "{d:?}");
+    assert_eq!(d[0]["moves"].as_array().unwrap().len(), 48);
+    assert_eq!(wire.tables(), tables, "observe-only changed the NIC");
+    assert_eq!(agent.get("/migrations").1, json!([]));
+    assert!(
+        agent
+            .get("/nodes")
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["power"] == "active")
+    );
+    // Operators still act.
+    let (code, m) = agent.post("/nodes/1/drain", Some(TOKEN), json!({}));
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(m["migrations"].as_array().unwrap().len(), 16);
+    assert!(wire.tables().2.contains(&(1, NodeState::Draining)));
     agent.stop().unwrap();
 }
