@@ -13,6 +13,7 @@ dpkg -s dpkg-dev >/dev/null 2>&1 || need+=(dpkg-dev)     # apt-get source (data 
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)  # make model, register-map generator
 dpkg -s libpcap-dev >/dev/null 2>&1 || need+=(libpcap-dev)   # nic-sim --live
+dpkg -s fonts-dejavu-core >/dev/null 2>&1 || need+=(fonts-dejavu-core)   # simulate --plot OUT.png labels
 if ((${#need[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q
@@ -20,7 +21,7 @@ if ((${#need[@]})); then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo is missing; install a Rust toolchain (1.88 or newer), e.g. Debian's cargo package or rustup" >&2
+  echo "setup: cargo is missing; install a Rust toolchain (1.92 or newer), e.g. Debian's cargo package or rustup" >&2
   exit 1
 fi
 

@@ -165,8 +165,8 @@ pub enum Command {
         /// Print one JSON object `{"scenario": ..., "policies": {...}}`.
         #[arg(long)]
         json: bool,
-        /// Draw load, forecast, capacity and migrations over time (SVG).
-        #[arg(long, value_name = "OUT.svg")]
+        /// Draw load, forecast, capacity and migrations over time (.svg or .png).
+        #[arg(long, value_name = "OUT.svg|png")]
         plot: Option<PathBuf>,
         /// Print the embedded default scenario and exit.
         #[arg(long)]

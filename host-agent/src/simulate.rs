@@ -1728,13 +1728,9 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         }
         scenario.load.sample_s = s;
     }
-    if let Some(p) = &opts.plot
-        && p.extension().and_then(|e| e.to_str()) != Some("svg")
-    {
-        return Err(Error::Usage(format!(
-            "--plot {}: only SVG is drawn (name the file .svg)",
-            p.display()
-        )));
+    // A plot that cannot be drawn is refused before the run, not after it.
+    if let Some(p) = &opts.plot {
+        plot_format(p)?;
     }
     let load = opts
         .load_csv
@@ -1753,17 +1749,80 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where a plot's labels get their glyphs (plotters lays text out with this font for
+/// SVG too, and rasters it for PNG); the set-up installs it (Debian's
+/// fonts-dejavu-core). `FLOWSHARD_PLOT_FONT` names another TrueType or OpenType file.
+const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The formats `--plot` draws, by the file's extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlotFormat {
+    Svg,
+    Png,
+}
+
+/// The format a plot file's extension names, with the font drawing needs loaded.
+pub fn plot_format(path: &Path) -> Result<PlotFormat, Error> {
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => PlotFormat::Svg,
+        Some(e) if e.eq_ignore_ascii_case("png") => PlotFormat::Png,
+        _ => {
+            return Err(Error::Usage(format!(
+                "--plot {}: name an .svg or .png file",
+                path.display()
+            )));
+        }
+    };
+    register_plot_font()?;
+    Ok(format)
+}
+
 /// One panel per policy: offered load, serving capacity, the forecast (predictive) and
-/// shard moves over the window.
+/// shard moves over the window, as SVG or PNG by the file's extension.
 pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
     use plotters::prelude::*;
     let err = |e: String| Error::Io {
         what: format!("plot {}", path.display()),
         source: std::io::Error::other(e),
     };
-    let rows = sim.runs.len().max(1) as u32;
-    let root = SVGBackend::new(path, (1200, 320 * rows)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let size = (1200, 320 * sim.runs.len().max(1) as u32);
+    match plot_format(path)? {
+        PlotFormat::Svg => draw(sim, SVGBackend::new(path, size).into_drawing_area()).map_err(err),
+        PlotFormat::Png => {
+            draw(sim, BitMapBackend::new(path, size).into_drawing_area()).map_err(err)
+        }
+    }
+}
+
+/// Load the plot font once per process.
+fn register_plot_font() -> Result<(), Error> {
+    static FONT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    FONT.get_or_init(|| {
+        let path = std::env::var_os("FLOWSHARD_PLOT_FONT")
+            .map_or_else(|| PathBuf::from(PLOT_FONT), PathBuf::from);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "a plot needs a font for its labels: {}: {e} (`make setup` installs \
+                 fonts-dejavu-core; FLOWSHARD_PLOT_FONT names another font file)",
+                path.display()
+            )
+        })?;
+        // The font lives as long as the process: plotters keeps a &'static to it.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+            .map_err(|_| format!("{}: not a TrueType or OpenType font", path.display()))
+    })
+    .clone()
+    .map_err(Error::Usage)
+}
+
+fn draw<DB: plotters::prelude::DrawingBackend>(
+    sim: &Simulation,
+    root: plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
     let panels = root.split_evenly((sim.runs.len().max(1), 1));
     let hours = f64::from(sim.scenario.interval_s) / 3600.0;
     for (run, area) in sim.runs.iter().zip(panels) {
@@ -1790,13 +1849,13 @@ pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
             .x_label_area_size(30)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..end, 0.0..top * 1.1)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         chart
             .configure_mesh()
             .x_desc("hours")
             .y_desc("Mpps")
             .draw()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         let series = |f: fn(&TickTrace) -> f64| -> Vec<(f64, f64)> {
             run.trace
                 .iter()
@@ -1806,18 +1865,18 @@ pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
         };
         chart
             .draw_series(LineSeries::new(series(|t| t.load), &BLUE))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .label("offered load")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
         chart
             .draw_series(LineSeries::new(series(|t| t.capacity), &BLACK))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .label("capacity in service")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
         if run.trace.iter().any(|t| t.forecast > 0.0) {
             chart
                 .draw_series(LineSeries::new(series(|t| t.forecast), &GREEN))
-                .map_err(|e| err(e.to_string()))?
+                .map_err(err)?
                 .label("forecast")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
         }
@@ -1829,7 +1888,7 @@ pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
                     .filter(|(_, t)| t.moves > 0)
                     .map(|(i, _)| Circle::new((i as f64 * hours, top * 1.05), 2, RED.filled())),
             )
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .label("shard moves")
             .legend(|(x, y)| Circle::new((x + 8, y), 3, RED.filled()));
         chart
@@ -1837,10 +1896,9 @@ pub fn plot(sim: &Simulation, path: &Path) -> Result<(), Error> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
     }
-    root.present().map_err(|e| err(e.to_string()))?;
-    Ok(())
+    root.present().map_err(err)
 }
 
 #[cfg(test)]
@@ -1962,6 +2020,26 @@ mod tests {
             );
             assert_eq!(a.broken_flows, 0, "{p:?}");
         }
+    }
+
+    #[test]
+    fn plots_are_drawn_as_svg_and_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = simulate(&small(dir.path()), &[Policy::Reactive], None, false).unwrap();
+        let svg = dir.path().join("p.svg");
+        plot(&sim, &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("reactive: overload"));
+        let png = dir.path().join("p.PNG");
+        plot(&sim, &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(bytes.len() > 10_000, "{} bytes", bytes.len());
+        let err = plot_format(Path::new("p.jpg")).unwrap_err().to_string();
+        assert!(
+            err.contains("p.jpg") && err.contains(".svg or .png"),
+            "{err}"
+        );
     }
 
     #[test]
