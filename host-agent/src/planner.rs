@@ -62,7 +62,7 @@ pub struct PlannerConfig {
     /// HPA's tolerance: no scaling while measured/target is within 1 ± this.
     pub tolerance: f64,
     /// Ticks a reactive scale-down waits for: the highest count wanted in this window
-    /// stays (the predictive policy looks a warm-up ahead instead). Also the clean
+    /// stays (the predictive policy looks this far past a warm-up ahead instead). Also the clean
     /// ticks a degraded node waits for before more of its capacity is counted again.
     pub scale_down_window: usize,
     /// Share of a node's capacity one class may take before its large flows are
@@ -404,20 +404,22 @@ impl Planner {
                     let ahead = need(at(w).max(at(w + 1)));
                     // The safety net: the reactive rule when a node runs hot anyway.
                     let up = if hot { ahead.max(reactive) } else { ahead };
-                    // Keep a node that is needed again before a new one could warm up,
-                    // and (HPA's tolerance band, against flapping) unless the others
-                    // would stay below the planned utilisation by the tolerance.
+                    // Keep a node that is needed again before a new one could warm up and
+                    // serve for a stabilisation window, and (HPA's tolerance band,
+                    // against flapping) unless the others would stay below the planned
+                    // utilisation by the tolerance.
                     let keep =
                         |l: f64| (l / (f * (1.0 - self.cfg.tolerance) * node_cap)).ceil() as usize;
-                    let hold = (0..=w + 1).map(|i| keep(at(i))).max().unwrap_or(0);
+                    let horizon = w + self.cfg.scale_down_window.max(1);
+                    let hold = (0..=horizon).map(|i| keep(at(i))).max().unwrap_or(0);
                     (up, hold.max(keep(load)))
                 }
                 _ => (reactive, reactive),
             };
             // Against flapping, the reactive policy scales down only to the highest
             // count wanted over the stabilisation window, and not before it has
-            // filled. The predictive one already holds what its forecast wants over
-            // the next warm-up: that look-ahead is its window.
+            // filled. The predictive one holds what its forecast wants over the next
+            // warm-up and window: that look-ahead is its window.
             let window = match self.policy {
                 Policy::Predictive if !input.total_upper.is_empty() => 1,
                 _ => self.cfg.scale_down_window.max(1),
