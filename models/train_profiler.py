@@ -10,6 +10,11 @@ One run, `make model`, does everything from the cached captures to the committed
 3. validation split by capture file (no capture on both sides), for N = 4, 8, 12, 16;
 4. the final model (N = --packets) on every training capture, exported as ONNX (plain
    tensors: `label`, `probabilities`), its trees as NIC tables, its metrics and checksums.
+
+The model is a gradient-boosted tree ensemble (scikit-learn's HistGradientBoosting, one
+tree per class and round). Both exports are written here from the same tree list: the
+ONNX graph is a TreeEnsembleClassifier (softmax of the summed leaf values), the NIC gets
+each tree's leaf values as integer class scores whose argmax is the same.
 """
 
 import argparse
@@ -27,10 +32,10 @@ import numpy as np
 import onnx
 import onnxruntime
 from onnx import helper
-from skl2onnx import to_onnx
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import GroupKFold
+from threadpoolctl import threadpool_limits
 
 CLASSES = ["video", "realtime", "bulk", "web", "messaging", "infra", "other"]
 CATEGORY_CLASS = {
@@ -51,10 +56,14 @@ PROTO_NUMBERS = {"ICMP": 1, "IGMP": 2, "TCP": 6, "UDP": 17, "GRE": 47, "ESP": 50
 # One flow line of an nDPI result file: index, protocol, both endpoints, then fields.
 FLOW_LINE = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+<?->\s+(\S+)\s+\[proto:")
 CATEGORY = re.compile(r"\[cat: ([^/\]]+)/")
-# Model size: bounded so the NIC tables stay small and inference fast.
-FOREST = dict(n_estimators=24, max_depth=10, min_samples_leaf=2, max_features="sqrt",
-              class_weight="balanced_subsample", random_state=7, n_jobs=1)
-SCORE_ONE = 1 << 15
+# Model size: bounded so the NIC tables stay small (15 rounds x 7 classes + the baseline
+# = 106 trees of at most 15 leaves; the NIC takes up to 256) and inference fast.
+BOOSTING = dict(max_iter=15, max_leaf_nodes=15, learning_rate=0.35, class_weight="balanced",
+                early_stopping=False, random_state=7)
+# NIC class scores: leaf values in steps of 2^-k (the finest that fits 16 bits, at most
+# 2^-12), shifted per tree so none is negative (a shift shared by all classes of a leaf
+# leaves the argmax unchanged).
+SCORE_MAX = (1 << 16) - 1
 VALIDATION_PACKETS = [4, 8, 12, 16]
 
 
@@ -125,6 +134,73 @@ def dataset(flowshard, data, captures, packets, tmp):
     return np.array(xs, dtype=np.float32), np.array(ys), np.array(groups), names
 
 
+# Well-known service ports by kind: the Rust side's PORT_GROUPS (nic_firmware::profile),
+# repeated here so the pipeline checks the derived features `flowshard features` wrote.
+PORT_GROUPS = {
+    1: [80, 8080, 8000, 8008, 8081, 8888, 3128],
+    2: [443, 8443],
+    3: [53, 853, 5353, 5355],
+    4: [123, 67, 68, 137, 138, 139, 445, 161, 162, 514, 1900, 111, 135, 88, 389, 636, 546,
+        547, 3702],
+    5: [25, 465, 587, 110, 995, 143, 993, 5222, 5223, 5228, 1883, 8883, 5683, 5684, 502,
+        20000, 102, 2404, 47808, 6667],
+    6: [3478, 3479, 3480, 3481, 5060, 5061, 5004, 5005] + list(range(19302, 19310)),
+    7: [22, 23, 3389, 5900, 1194, 500, 4500, 1701, 1723, 51820, 992],
+    8: [20, 21, 69, 873, 3306, 5432, 1433, 1521, 27017, 6379, 11211, 9092]
+       + list(range(6881, 6890)),
+    9: [554, 1935, 8554, 1755],
+}
+PORT_GROUP = {p: g for g, ps in PORT_GROUPS.items() for p in ps}
+
+
+def derived(X, names):
+    """The derived features, recomputed from the record's own columns (an independent
+    check of nic_firmware::profile::features)."""
+    c = lambda k: X[:, names.index(k)].astype(np.int64)
+    n, P = c("n"), 16
+    size = np.stack([c(f"size_{i}") for i in range(P)], 1)
+    iat = np.stack([c(f"iat_us_{i}") for i in range(P)], 1)
+    down = np.stack([(c("directions") >> i) & 1 for i in range(P)], 1).astype(bool)
+    valid = np.arange(P)[None, :] < n[:, None]
+    up, dn = valid & ~down, valid & down
+    sp, cp = c("server_port"), c("client_port")
+    group = lambda ports: np.array([PORT_GROUP.get(int(p), 0) for p in ports])
+    prange = lambda p: np.where(p < 1024, 0, np.where(p < 49152, 1, 2))
+    data = valid & (size >= np.where(c("proto") == 6, 80, 0)[:, None])
+    big = valid & (size >= 1200)
+
+    def nth(mask, k):
+        return (size * (mask & (np.cumsum(mask, 1) == k + 1))).sum(1)
+
+    out = {"port_group": np.where(group(sp) > 0, group(sp), group(cp)),
+           "low_port": np.minimum(sp, cp), "server_port_range": prange(sp),
+           "client_port_range": prange(cp),
+           "data_up": (data & up).sum(1), "data_down": (data & dn).sum(1),
+           "big_up": (big & up).sum(1), "big_down": (big & dn).sum(1)}
+    for k in range(3):
+        out[f"up_{k}"], out[f"down_{k}"] = nth(up, k), nth(dn, k)
+    for k in range(3):
+        out[f"data_up_{k}"], out[f"data_down_{k}"] = nth(data & up, k), nth(data & dn, k)
+    out["dir_changes"] = ((down[:, 1:] != down[:, :-1]) & valid[:, 1:]).sum(1)
+    tot = c("bytes_up") + c("bytes_down")
+    out["down_share"] = np.where(tot > 0, c("bytes_down") * 64 // np.maximum(tot, 1), 0)
+    later = valid.copy()
+    later[:, 0] = False
+    out["max_iat_us"] = (iat * later).max(1)
+    out["min_iat_us"] = np.where(n > 1, np.where(later, iat, 1 << 23).min(1), 0)
+    out["mean_iat_us"] = np.where(n > 1, c("duration_us") // np.maximum(n - 1, 1), 0)
+    out["mean_size"] = np.where(n > 0, tot // np.maximum(n, 1), 0)
+    return out
+
+
+def check_derived(X, names):
+    for k, v in derived(X, names).items():
+        bad = np.flatnonzero(X[:, names.index(k)].astype(np.int64) != v)
+        if len(bad):
+            sys.exit(f"derived feature {k} of `flowshard features` differs from its "
+                     f"definition on {len(bad)} flows (first: row {bad[0]})")
+
+
 def report(y, pred):
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(len(CLASSES)),
                                                  zero_division=0)
@@ -144,39 +220,127 @@ def validate(X, y, groups, folds):
     """Predictions for every flow from a model that never saw its capture."""
     pred = np.zeros_like(y)
     for train, test in GroupKFold(n_splits=folds).split(X, y, groups):
-        model = RandomForestClassifier(**FOREST).fit(X[train], y[train])
+        model = HistGradientBoostingClassifier(**BOOSTING).fit(X[train], y[train])
         pred[test] = model.predict(X[test])
     return pred
 
 
-def trees_json(model, packets, names):
-    """The forest as the NIC loads it: per tree scikit-learn's node arrays, integer
-    thresholds (features are integers, so x <= 442.5 is x <= 442) and leaf class
-    probabilities scaled to 2^15."""
+def boosted_trees(model, n_features):
+    """The ensemble as plain trees: per tree its class, and per node feature, integer
+    threshold (features are integers, so x <= 442.5 is x <= 442), children (-1 at a
+    leaf) and leaf value (the raw score it adds to its class)."""
     trees = []
-    for est in model.estimators_:
-        t = est.tree_
-        # Leaf rows of `value` are class fractions; the classes are 0..6 in order.
-        dist = t.value[:, 0, :] / np.maximum(t.value[:, 0, :].sum(axis=1, keepdims=True), 1e-12)
-        full = np.zeros((t.node_count, len(CLASSES)))
-        full[:, model.classes_] = dist
-        trees.append({
-            "feature": [int(max(f, 0)) for f in t.feature],
-            "threshold": [int(np.floor(max(v, 0.0))) for v in t.threshold],
-            "left": [int(v) for v in t.children_left],
-            "right": [int(v) for v in t.children_right],
-            "scores": np.rint(full * SCORE_ONE).astype(int).tolist(),
-        })
-    return {"packets": packets, "features": names, "trees": trees}
+    for round_ in model._predictors:
+        for cls, pred in enumerate(round_):
+            nodes = pred.nodes
+            if np.any(nodes["is_categorical"]):
+                sys.exit("categorical splits cannot be exported")
+            leaf = nodes["is_leaf"].astype(bool)
+            feature = nodes["feature_idx"].astype(int)
+            if np.any(feature[~leaf] >= n_features):
+                sys.exit("a split on a feature beyond the input vector")
+            trees.append({
+                "class": cls,
+                "feature": [0 if l else int(f) for f, l in zip(feature, leaf)],
+                "threshold": [0 if l else int(np.floor(max(t, 0.0)))
+                              for t, l in zip(nodes["num_threshold"], leaf)],
+                "left": [-1 if l else int(v) for v, l in zip(nodes["left"], leaf)],
+                "right": [-1 if l else int(v) for v, l in zip(nodes["right"], leaf)],
+                "value": [float(v) if l else 0.0 for v, l in zip(nodes["value"], leaf)],
+            })
+    baseline = [float(v) for v in np.ravel(model._baseline_prediction)]
+    return trees, baseline
 
 
-def export_onnx(model, packets, names, path):
-    onx = to_onnx(model, np.zeros((1, len(names)), dtype=np.float32),
-                  options={id(model): {"zipmap": False}},
-                  initial_types=None, target_opset={"": 17, "ai.onnx.ml": 3})
-    onx.graph.input[0].name = "features"
-    for node in onx.graph.node:
-        node.input[:] = ["features" if i == "X" else i for i in node.input]
+def preorder(tree):
+    """Renumber a tree's nodes in depth-first order, left first (children after
+    their parent, as the NIC requires); returns the new order of old node ids."""
+    order, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        if tree["left"][i] >= 0:
+            stack.append(tree["right"][i])
+            stack.append(tree["left"][i])
+    return order
+
+
+def trees_json(trees, baseline, packets, names):
+    """The ensemble as the NIC loads it: per tree the node arrays, a leaf's class scores
+    its value in 2^-k steps on its tree's class, plus a per-tree shift on every class so
+    none is negative; a last one-leaf tree holds the baseline. The NIC's argmax of the
+    summed scores is the model's (up to the rounding)."""
+    spread = [max(t["value"]) - min(t["value"]) for t in trees] + [max(baseline) - min(baseline)]
+    SCORE_SCALE = 1 << min(12, int(np.floor(np.log2(SCORE_MAX / max(spread)))))
+    out = []
+    for t in trees:
+        order = preorder(t)
+        new = {old: k for k, old in enumerate(order)}
+        q = {i: int(np.rint(t["value"][i] * SCORE_SCALE)) for i in order if t["left"][i] < 0}
+        shift = max(0, -min(q.values()))
+        feature, threshold, left, right, scores = [], [], [], [], []
+        for i in order:
+            if t["left"][i] < 0:
+                row = [shift] * len(CLASSES)
+                row[t["class"]] += q[i]
+                feature.append(0), threshold.append(0), left.append(-1), right.append(-1)
+                scores.append(row)
+            else:
+                feature.append(t["feature"][i]), threshold.append(t["threshold"][i])
+                left.append(new[t["left"][i]]), right.append(new[t["right"][i]])
+                scores.append([0] * len(CLASSES))
+        if max(max(r) for r in scores) > SCORE_MAX:
+            sys.exit("a leaf score does not fit the NIC's 16 bits")
+        out.append({"feature": feature, "threshold": threshold, "left": left,
+                    "right": right, "scores": scores})
+    base = [int(np.rint(b * SCORE_SCALE)) for b in baseline]
+    low = min(base)
+    out.append({"feature": [0], "threshold": [0], "left": [-1], "right": [-1],
+                "scores": [[b - low for b in base]]})
+    if max(out[-1]["scores"][0]) > SCORE_MAX:
+        sys.exit("the baseline does not fit the NIC's 16 bits")
+    return {"packets": packets, "features": names, "trees": out}, SCORE_SCALE
+
+
+def export_onnx(trees, baseline, packets, names, path):
+    """A TreeEnsembleClassifier over the full input vector: softmax of the baseline plus
+    each class's summed leaf values; thresholds the same integers as the NIC's."""
+    a = {k: [] for k in ("treeids", "nodeids", "featureids", "modes", "values",
+                         "truenodeids", "falsenodeids", "ctree", "cnode", "cid", "cw")}
+    for tid, t in enumerate(trees):
+        for i in range(len(t["left"])):
+            leaf = t["left"][i] < 0
+            a["treeids"].append(tid)
+            a["nodeids"].append(i)
+            a["featureids"].append(t["feature"][i])
+            a["modes"].append("LEAF" if leaf else "BRANCH_LEQ")
+            a["values"].append(float(t["threshold"][i]))
+            a["truenodeids"].append(0 if leaf else t["left"][i])
+            a["falsenodeids"].append(0 if leaf else t["right"][i])
+            if leaf:
+                a["ctree"].append(tid)
+                a["cnode"].append(i)
+                a["cid"].append(t["class"])
+                a["cw"].append(t["value"][i])
+    node = helper.make_node(
+        "TreeEnsembleClassifier", ["features"], ["label", "probabilities"],
+        domain="ai.onnx.ml", name="profiler",
+        classlabels_int64s=list(range(len(CLASSES))),
+        nodes_treeids=a["treeids"], nodes_nodeids=a["nodeids"],
+        nodes_featureids=a["featureids"], nodes_modes=a["modes"],
+        nodes_values=a["values"], nodes_truenodeids=a["truenodeids"],
+        nodes_falsenodeids=a["falsenodeids"],
+        class_treeids=a["ctree"], class_nodeids=a["cnode"], class_ids=a["cid"],
+        class_weights=a["cw"], base_values=baseline, post_transform="SOFTMAX")
+    graph = helper.make_graph(
+        [node], "flowshard_profiler",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [None, len(names)])],
+        [helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT,
+                                       [None, len(CLASSES)])])
+    onx = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                  helper.make_opsetid("ai.onnx.ml", 3)])
+    onx.ir_version = 9
     helper.set_model_props(onx, {
         "flowshard.packets": str(packets),
         "flowshard.features": ",".join(names),
@@ -186,6 +350,16 @@ def export_onnx(model, packets, names, path):
     onnx.checker.check_model(onx)
     with open(path, "wb") as f:
         f.write(onx.SerializeToString())
+
+
+def nic_argmax(trees, x):
+    total = np.zeros(len(CLASSES), dtype=np.int64)
+    for t in trees:
+        i = 0
+        while t["left"][i] >= 0:
+            i = t["left"][i] if x[t["feature"][i]] <= t["threshold"][i] else t["right"][i]
+        total += t["scores"][i]
+    return int(np.argmax(total))
 
 
 def sha256(path):
@@ -205,11 +379,12 @@ def main():
 
     with open(args.captures) as f:
         captures = [l.strip() for l in f if l.strip()]
-    metrics = {"validation": {}, "classes": CLASSES, "forest": FOREST}
+    metrics = {"validation": {}, "classes": CLASSES, "boosting": BOOSTING}
     with tempfile.TemporaryDirectory() as tmp:
         final = None
         for n in sorted(set(VALIDATION_PACKETS + [args.packets])):
             X, y, groups, names = dataset(args.flowshard, args.data, captures, n, tmp)
+            check_derived(X, names)
             r = report(y, validate(X, y, groups, args.folds))
             metrics["validation"][str(n)] = r
             print(f"N={n}: by-capture {args.folds}-fold macro-F1 {r['macro_f1']:.3f}, "
@@ -222,14 +397,19 @@ def main():
         "flows": int(len(y)),
         "flows_per_class": {CLASSES[k]: v for k, v in sorted(Counter(y.tolist()).items())},
     }
-    model = RandomForestClassifier(**FOREST).fit(X, y)
+    model = HistGradientBoostingClassifier(**BOOSTING).fit(X, y)
+    trees, baseline = boosted_trees(model, len(names))
     os.makedirs(args.out, exist_ok=True)
     onnx_path = os.path.join(args.out, "profiler.onnx")
     trees_path = os.path.join(args.out, "profiler.trees.json")
-    export_onnx(model, args.packets, names, onnx_path)
+    export_onnx(trees, baseline, args.packets, names, onnx_path)
+    nic, scale = trees_json(trees, baseline, args.packets, names)
+    metrics["nic_score_scale"] = scale
     with open(trees_path, "w") as f:
-        json.dump(trees_json(model, args.packets, names), f, separators=(",", ":"))
+        json.dump(nic, f, separators=(",", ":"))
         f.write("\n")
+    metrics["trees"] = len(nic["trees"])
+    metrics["leaves"] = sum(1 for t in nic["trees"] for l in t["left"] if l < 0)
 
     # The exported graph must decide as the trained model does.
     sess = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -238,6 +418,11 @@ def main():
     metrics["onnx_agreement_with_sklearn"] = agree
     if agree < 0.999:
         sys.exit(f"ONNX export disagrees with the trained model on {1 - agree:.2%} of flows")
+    # The NIC's integer scores: argmax of the summed leaf scores (a tree walk).
+    nic_label = np.array([nic_argmax(nic["trees"], x) for x in X.astype(np.int64)])
+    metrics["nic_scores_agreement_with_onnx"] = float(np.mean(nic_label == label))
+    print(f"NIC scores agree with ONNX on {metrics['nic_scores_agreement_with_onnx']:.2%} "
+          f"of the training flows", file=sys.stderr)
     metrics["packets"] = args.packets
     with open(os.path.join(args.out, "profiler.metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -251,4 +436,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # One thread: the same sums in the same order on every machine, so the same model.
+    with threadpool_limits(1):
+        main()
