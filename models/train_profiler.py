@@ -12,9 +12,10 @@ One run, `make model`, does everything from the cached captures to the committed
    tensors: `label`, `probabilities`), its trees as NIC tables, its metrics and checksums.
 
 The model is a gradient-boosted tree ensemble (SoftmaxBoost: one multi-output
-scikit-learn regression tree per round, scoring every class). Both exports are written here from the same tree list: the
-ONNX graph is a TreeEnsembleClassifier (softmax of the summed leaf values), the NIC gets
-each tree's leaf values as integer class scores whose argmax is the same.
+scikit-learn regression tree per round, scoring every class). Both exports are written
+here from the same tree list: the ONNX graph is a TreeEnsembleClassifier (softmax of the
+summed leaf values), the NIC gets each tree's leaf values as integer class scores whose
+argmax is the same.
 """
 
 import argparse
@@ -292,6 +293,7 @@ class SoftmaxBoost:
 
 
 def fit(X, y, groups):
+    """The shipped model's training, the same for validation folds and the final model."""
     return SoftmaxBoost(**BOOSTING).fit(X, y, sample_weight=weights(y, groups))
 
 
