@@ -10,6 +10,12 @@ One run, `make model`, does everything from the cached captures to the committed
 3. validation split by capture file (no capture on both sides), for N = 4, 8, 12, 16;
 4. the final model (N = --packets) on every training capture, exported as ONNX (plain
    tensors: `label`, `probabilities`), its trees as NIC tables, its metrics and checksums.
+
+The model is a gradient-boosted tree ensemble (SoftmaxBoost: one multi-output
+scikit-learn regression tree per round, scoring every class). Both exports are written
+here from the same tree list: the ONNX graph is a TreeEnsembleClassifier (softmax of the
+summed leaf values), the NIC gets each tree's leaf values as integer class scores whose
+argmax is the same.
 """
 
 import argparse
@@ -27,10 +33,10 @@ import numpy as np
 import onnx
 import onnxruntime
 from onnx import helper
-from skl2onnx import to_onnx
-from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import GroupKFold
+from sklearn.tree import DecisionTreeRegressor
+from threadpoolctl import threadpool_limits
 
 CLASSES = ["video", "realtime", "bulk", "web", "messaging", "infra", "other"]
 CATEGORY_CLASS = {
@@ -51,10 +57,28 @@ PROTO_NUMBERS = {"ICMP": 1, "IGMP": 2, "TCP": 6, "UDP": 17, "GRE": 47, "ESP": 50
 # One flow line of an nDPI result file: index, protocol, both endpoints, then fields.
 FLOW_LINE = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+<?->\s+(\S+)\s+\[proto:")
 CATEGORY = re.compile(r"\[cat: ([^/\]]+)/")
-# Model size: bounded so the NIC tables stay small and inference fast.
-FOREST = dict(n_estimators=24, max_depth=10, min_samples_leaf=2, max_features="sqrt",
-              class_weight="balanced_subsample", random_state=7, n_jobs=1)
-SCORE_ONE = 1 << 15
+# Model size: bounded so ONNX Runtime classifies over a million flows a second on one core
+# and the NIC tables stay small. ONNX Runtime's cost grows with trees x depth; each round
+# is one tree that scores all seven classes (scikit-learn's boosting grows one tree per
+# class and round, 7x the trees for the same rounds), so 20 rounds of trees of at most 31
+# leaves + the baseline = 21 trees (the NIC takes up to 256).
+BOOSTING = dict(rounds=20, max_leaf_nodes=31, learning_rate=0.3, l2_regularization=1.0,
+                random_state=7)
+# A leaf's Newton step is clipped to this many log-odds units (before the learning rate):
+# a leaf of one class only would otherwise step without bound.
+MAX_STEP = 8.0
+# Sample weights: a flow weighs 1/sqrt(flows of its capture), then each class's weights
+# are scaled to the same total (as class_weight="balanced" does). Without the first, the
+# three largest captures (55 % of the flows) decide most splits; with 1/flows, the many
+# small captures' few flows do.
+CAPTURE_WEIGHT_POWER = 0.5
+# Shuffled by-capture splits for the shipped N's spread: the pooled figure of one split
+# swings with where a few large captures fall.
+ROBUSTNESS_SEEDS = [1, 2, 3, 4, 5]
+# NIC class scores: leaf values in steps of 2^-k (the finest that fits 16 bits, at most
+# 2^-12), shifted per tree so none is negative (one shift for every leaf and class of a
+# tree adds the same to every class's sum, so the argmax is unchanged).
+SCORE_MAX = (1 << 16) - 1
 VALIDATION_PACKETS = [4, 8, 12, 16]
 
 
@@ -125,6 +149,73 @@ def dataset(flowshard, data, captures, packets, tmp):
     return np.array(xs, dtype=np.float32), np.array(ys), np.array(groups), names
 
 
+# Well-known service ports by kind: the Rust side's PORT_GROUPS (nic_firmware::profile),
+# repeated here so the pipeline checks the derived features `flowshard features` wrote.
+PORT_GROUPS = {
+    1: [80, 8080, 8000, 8008, 8081, 8888, 3128],
+    2: [443, 8443],
+    3: [53, 853, 5353, 5355],
+    4: [123, 67, 68, 137, 138, 139, 445, 161, 162, 514, 1900, 111, 135, 88, 389, 636, 546,
+        547, 3702],
+    5: [25, 465, 587, 110, 995, 143, 993, 5222, 5223, 5228, 1883, 8883, 5683, 5684, 502,
+        20000, 102, 2404, 47808, 6667],
+    6: [3478, 3479, 3480, 3481, 5060, 5061, 5004, 5005] + list(range(19302, 19310)),
+    7: [22, 23, 3389, 5900, 1194, 500, 4500, 1701, 1723, 51820, 992],
+    8: [20, 21, 69, 873, 3306, 5432, 1433, 1521, 27017, 6379, 11211, 9092]
+       + list(range(6881, 6890)),
+    9: [554, 1935, 8554, 1755],
+}
+PORT_GROUP = {p: g for g, ps in PORT_GROUPS.items() for p in ps}
+
+
+def derived(X, names):
+    """The derived features, recomputed from the record's own columns (an independent
+    check of nic_firmware::profile::features)."""
+    c = lambda k: X[:, names.index(k)].astype(np.int64)
+    n, P = c("n"), 16
+    size = np.stack([c(f"size_{i}") for i in range(P)], 1)
+    iat = np.stack([c(f"iat_us_{i}") for i in range(P)], 1)
+    down = np.stack([(c("directions") >> i) & 1 for i in range(P)], 1).astype(bool)
+    valid = np.arange(P)[None, :] < n[:, None]
+    up, dn = valid & ~down, valid & down
+    sp, cp = c("server_port"), c("client_port")
+    group = lambda ports: np.array([PORT_GROUP.get(int(p), 0) for p in ports])
+    prange = lambda p: np.where(p < 1024, 0, np.where(p < 49152, 1, 2))
+    data = valid & (size >= np.where(c("proto") == 6, 80, 0)[:, None])
+    big = valid & (size >= 1200)
+
+    def nth(mask, k):
+        return (size * (mask & (np.cumsum(mask, 1) == k + 1))).sum(1)
+
+    out = {"port_group": np.where(group(sp) > 0, group(sp), group(cp)),
+           "low_port": np.minimum(sp, cp), "server_port_range": prange(sp),
+           "client_port_range": prange(cp),
+           "data_up": (data & up).sum(1), "data_down": (data & dn).sum(1),
+           "big_up": (big & up).sum(1), "big_down": (big & dn).sum(1)}
+    for k in range(3):
+        out[f"up_{k}"], out[f"down_{k}"] = nth(up, k), nth(dn, k)
+    for k in range(3):
+        out[f"data_up_{k}"], out[f"data_down_{k}"] = nth(data & up, k), nth(data & dn, k)
+    out["dir_changes"] = ((down[:, 1:] != down[:, :-1]) & valid[:, 1:]).sum(1)
+    tot = c("bytes_up") + c("bytes_down")
+    out["down_share"] = np.where(tot > 0, c("bytes_down") * 64 // np.maximum(tot, 1), 0)
+    later = valid.copy()
+    later[:, 0] = False
+    out["max_iat_us"] = (iat * later).max(1)
+    out["min_iat_us"] = np.where(n > 1, np.where(later, iat, 1 << 23).min(1), 0)
+    out["mean_iat_us"] = np.where(n > 1, c("duration_us") // np.maximum(n - 1, 1), 0)
+    out["mean_size"] = np.where(n > 0, tot // np.maximum(n, 1), 0)
+    return out
+
+
+def check_derived(X, names):
+    for k, v in derived(X, names).items():
+        bad = np.flatnonzero(X[:, names.index(k)].astype(np.int64) != v)
+        if len(bad):
+            sys.exit(f"derived feature {k} of `flowshard features` differs from its "
+                     f"definition on {len(bad)} flows (first: row {bad[0]})")
+
+
 def report(y, pred):
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(len(CLASSES)),
                                                  zero_division=0)
@@ -140,43 +231,205 @@ def report(y, pred):
     }
 
 
-def validate(X, y, groups, folds):
-    """Predictions for every flow from a model that never saw its capture."""
+def weights(y, groups):
+    """Per-flow training weights: capture-balanced, then class-balanced (see
+    CAPTURE_WEIGHT_POWER); mean 1."""
+    per_capture = Counter(groups.tolist())
+    w = np.array([per_capture[g] ** -CAPTURE_WEIGHT_POWER for g in groups.tolist()])
+    class_total = np.array([w[y == c].sum() for c in range(len(CLASSES))])
+    w = w / class_total[y]
+    return w / w.mean()
+
+
+class SoftmaxBoost:
+    """Gradient boosting of the softmax loss in which each round is one multi-output
+    regression tree (scikit-learn's DecisionTreeRegressor, best-first to BOOSTING's
+    leaves) fitted to all classes' gradients at once, each leaf then taking a Newton
+    step per class (Friedman's multiclass step, (K-1)/K * sum g / (sum h + l2); the l2
+    term, in units of the mean flow weight, damps leaves of few flows). One tree per
+    round instead of one per class and round is what keeps inference fast."""
+
+    def __init__(self, rounds, max_leaf_nodes, learning_rate, l2_regularization,
+                 random_state):
+        self.rounds = rounds
+        self.max_leaf_nodes = max_leaf_nodes
+        self.learning_rate = learning_rate
+        self.l2_regularization = l2_regularization
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight):
+        k = len(CLASSES)
+        w = sample_weight
+        onehot = np.eye(k)[y]
+        prior = np.array([w[y == c].sum() for c in range(k)]) / w.sum()
+        self.baseline = np.log(np.maximum(prior, 1e-6))
+        self.baseline -= self.baseline.mean()
+        raw = np.tile(self.baseline, (len(y), 1))
+        self.trees = []
+        for _ in range(self.rounds):
+            p = np.exp(raw - raw.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            grad, hess = onehot - p, p * (1 - p)
+            tree = DecisionTreeRegressor(max_leaf_nodes=self.max_leaf_nodes,
+                                         random_state=self.random_state)
+            tree.fit(X, grad, sample_weight=w)
+            leaf = tree.apply(X)
+            values = np.zeros((tree.tree_.node_count, k))
+            for node in np.unique(leaf):
+                at = leaf == node
+                g = (w[at, None] * grad[at]).sum(0)
+                h = (w[at, None] * hess[at]).sum(0)
+                values[node] = (k - 1) / k * g / np.maximum(h + self.l2_regularization, 1e-9)
+            values = np.clip(values, -MAX_STEP, MAX_STEP) * self.learning_rate
+            self.trees.append((tree, values))
+            raw += values[leaf]
+        return self
+
+    def predict(self, X):
+        raw = np.tile(self.baseline, (len(X), 1))
+        for tree, values in self.trees:
+            raw += values[tree.apply(X)]
+        return raw.argmax(1)
+
+
+def fit(X, y, groups):
+    """The shipped model's training, the same for validation folds and the final model."""
+    return SoftmaxBoost(**BOOSTING).fit(X, y, sample_weight=weights(y, groups))
+
+
+def validate(X, y, groups, folds, seed=None):
+    """Predictions for every flow from a model that never saw its capture (captures
+    dealt to folds by size, or shuffled with `seed`)."""
     pred = np.zeros_like(y)
-    for train, test in GroupKFold(n_splits=folds).split(X, y, groups):
-        model = RandomForestClassifier(**FOREST).fit(X[train], y[train])
-        pred[test] = model.predict(X[test])
+    split = (GroupKFold(n_splits=folds) if seed is None
+             else GroupKFold(n_splits=folds, shuffle=True, random_state=seed))
+    for train, test in split.split(X, y, groups):
+        pred[test] = fit(X[train], y[train], groups[train]).predict(X[test])
     return pred
 
 
-def trees_json(model, packets, names):
-    """The forest as the NIC loads it: per tree scikit-learn's node arrays, integer
-    thresholds (features are integers, so x <= 442.5 is x <= 442) and leaf class
-    probabilities scaled to 2^15."""
+def capture_errors(y, pred, groups, captures, top=10):
+    """The captures with the most misclassified flows: (capture, wrong, flows)."""
+    wrong, flows = Counter(), Counter()
+    for yi, pi, g in zip(y.tolist(), pred.tolist(), groups.tolist()):
+        flows[captures[g]] += 1
+        wrong[captures[g]] += yi != pi
+    return [[c, n, flows[c]] for c, n in wrong.most_common(top)]
+
+
+def boosted_trees(model, n_features):
+    """The ensemble as plain trees: per node feature, integer threshold (features are
+    integers, so x <= 442.5 is x <= 442), children (-1 at a leaf) and, at a leaf, the
+    raw score it adds to each class."""
     trees = []
-    for est in model.estimators_:
-        t = est.tree_
-        # Leaf rows of `value` are class fractions; the classes are 0..6 in order.
-        dist = t.value[:, 0, :] / np.maximum(t.value[:, 0, :].sum(axis=1, keepdims=True), 1e-12)
-        full = np.zeros((t.node_count, len(CLASSES)))
-        full[:, model.classes_] = dist
+    for tree, values in model.trees:
+        t = tree.tree_
+        leaf = t.children_left < 0
+        if np.any(t.feature[~leaf] >= n_features):
+            sys.exit("a split on a feature beyond the input vector")
         trees.append({
-            "feature": [int(max(f, 0)) for f in t.feature],
-            "threshold": [int(np.floor(max(v, 0.0))) for v in t.threshold],
-            "left": [int(v) for v in t.children_left],
-            "right": [int(v) for v in t.children_right],
-            "scores": np.rint(full * SCORE_ONE).astype(int).tolist(),
+            "feature": [0 if l else int(f) for f, l in zip(t.feature, leaf)],
+            "threshold": [0 if l else int(np.floor(max(th, 0.0)))
+                          for th, l in zip(t.threshold, leaf)],
+            "left": [-1 if l else int(v) for v, l in zip(t.children_left, leaf)],
+            "right": [-1 if l else int(v) for v, l in zip(t.children_right, leaf)],
+            "value": [[float(v) for v in values[i]] if l else [0.0] * len(CLASSES)
+                      for i, l in enumerate(leaf)],
         })
-    return {"packets": packets, "features": names, "trees": trees}
+    return trees, [float(v) for v in model.baseline]
 
 
-def export_onnx(model, packets, names, path):
-    onx = to_onnx(model, np.zeros((1, len(names)), dtype=np.float32),
-                  options={id(model): {"zipmap": False}},
-                  initial_types=None, target_opset={"": 17, "ai.onnx.ml": 3})
-    onx.graph.input[0].name = "features"
-    for node in onx.graph.node:
-        node.input[:] = ["features" if i == "X" else i for i in node.input]
+def preorder(tree):
+    """Renumber a tree's nodes in depth-first order, left first (children after
+    their parent, as the NIC requires); returns the new order of old node ids."""
+    order, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        if tree["left"][i] >= 0:
+            stack.append(tree["right"][i])
+            stack.append(tree["left"][i])
+    return order
+
+
+def trees_json(trees, baseline, packets, names):
+    """The ensemble as the NIC loads it: per tree the node arrays, a leaf's class scores
+    its values in 2^-k steps plus a per-tree shift on every class so none is negative (a
+    shift shared by all classes leaves the argmax unchanged); a last one-leaf tree holds
+    the baseline. The NIC's argmax of the summed scores is the model's (up to the
+    rounding)."""
+    spread = [np.ptp(t["value"]) for t in trees] + [max(baseline) - min(baseline)]
+    SCORE_SCALE = 1 << min(12, int(np.floor(np.log2(SCORE_MAX / max(spread)))))
+    out = []
+    for t in trees:
+        order = preorder(t)
+        new = {old: k for k, old in enumerate(order)}
+        q = {i: [int(v) for v in np.rint(np.array(t["value"][i]) * SCORE_SCALE)]
+             for i in order if t["left"][i] < 0}
+        shift = max(0, -min(min(v) for v in q.values()))
+        feature, threshold, left, right, scores = [], [], [], [], []
+        for i in order:
+            if t["left"][i] < 0:
+                row = [v + shift for v in q[i]]
+                feature.append(0), threshold.append(0), left.append(-1), right.append(-1)
+                scores.append(row)
+            else:
+                feature.append(t["feature"][i]), threshold.append(t["threshold"][i])
+                left.append(new[t["left"][i]]), right.append(new[t["right"][i]])
+                scores.append([0] * len(CLASSES))
+        if max(max(r) for r in scores) > SCORE_MAX:
+            sys.exit("a leaf score does not fit the NIC's 16 bits")
+        out.append({"feature": feature, "threshold": threshold, "left": left,
+                    "right": right, "scores": scores})
+    base = [int(np.rint(b * SCORE_SCALE)) for b in baseline]
+    low = min(base)
+    out.append({"feature": [0], "threshold": [0], "left": [-1], "right": [-1],
+                "scores": [[b - low for b in base]]})
+    if max(out[-1]["scores"][0]) > SCORE_MAX:
+        sys.exit("the baseline does not fit the NIC's 16 bits")
+    return {"packets": packets, "features": names, "trees": out}, SCORE_SCALE
+
+
+def export_onnx(trees, baseline, packets, names, path):
+    """A TreeEnsembleClassifier over the full input vector: softmax of the baseline plus
+    each class's summed leaf values; thresholds the same integers as the NIC's."""
+    a = {k: [] for k in ("treeids", "nodeids", "featureids", "modes", "values",
+                         "truenodeids", "falsenodeids", "ctree", "cnode", "cid", "cw")}
+    for tid, t in enumerate(trees):
+        for i in range(len(t["left"])):
+            leaf = t["left"][i] < 0
+            a["treeids"].append(tid)
+            a["nodeids"].append(i)
+            a["featureids"].append(t["feature"][i])
+            a["modes"].append("LEAF" if leaf else "BRANCH_LEQ")
+            a["values"].append(float(t["threshold"][i]))
+            a["truenodeids"].append(0 if leaf else t["left"][i])
+            a["falsenodeids"].append(0 if leaf else t["right"][i])
+            if leaf:
+                for cls, v in enumerate(t["value"][i]):
+                    a["ctree"].append(tid)
+                    a["cnode"].append(i)
+                    a["cid"].append(cls)
+                    a["cw"].append(v)
+    node = helper.make_node(
+        "TreeEnsembleClassifier", ["features"], ["label", "probabilities"],
+        domain="ai.onnx.ml", name="profiler",
+        classlabels_int64s=list(range(len(CLASSES))),
+        nodes_treeids=a["treeids"], nodes_nodeids=a["nodeids"],
+        nodes_featureids=a["featureids"], nodes_modes=a["modes"],
+        nodes_values=a["values"], nodes_truenodeids=a["truenodeids"],
+        nodes_falsenodeids=a["falsenodeids"],
+        class_treeids=a["ctree"], class_nodeids=a["cnode"], class_ids=a["cid"],
+        class_weights=a["cw"], base_values=baseline, post_transform="SOFTMAX")
+    graph = helper.make_graph(
+        [node], "flowshard_profiler",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [None, len(names)])],
+        [helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT,
+                                       [None, len(CLASSES)])])
+    onx = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                  helper.make_opsetid("ai.onnx.ml", 3)])
+    onx.ir_version = 9
     helper.set_model_props(onx, {
         "flowshard.packets": str(packets),
         "flowshard.features": ",".join(names),
@@ -186,6 +439,16 @@ def export_onnx(model, packets, names, path):
     onnx.checker.check_model(onx)
     with open(path, "wb") as f:
         f.write(onx.SerializeToString())
+
+
+def nic_argmax(trees, x):
+    total = np.zeros(len(CLASSES), dtype=np.int64)
+    for t in trees:
+        i = 0
+        while t["left"][i] >= 0:
+            i = t["left"][i] if x[t["feature"][i]] <= t["threshold"][i] else t["right"][i]
+        total += t["scores"][i]
+    return int(np.argmax(total))
 
 
 def sha256(path):
@@ -205,31 +468,48 @@ def main():
 
     with open(args.captures) as f:
         captures = [l.strip() for l in f if l.strip()]
-    metrics = {"validation": {}, "classes": CLASSES, "forest": FOREST}
+    metrics = {"validation": {}, "classes": CLASSES, "boosting": BOOSTING,
+               "capture_weight_power": CAPTURE_WEIGHT_POWER}
     with tempfile.TemporaryDirectory() as tmp:
         final = None
         for n in sorted(set(VALIDATION_PACKETS + [args.packets])):
             X, y, groups, names = dataset(args.flowshard, args.data, captures, n, tmp)
-            r = report(y, validate(X, y, groups, args.folds))
+            check_derived(X, names)
+            pred = validate(X, y, groups, args.folds)
+            r = report(y, pred)
             metrics["validation"][str(n)] = r
             print(f"N={n}: by-capture {args.folds}-fold macro-F1 {r['macro_f1']:.3f}, "
                   f"accuracy {r['accuracy']:.3f}", file=sys.stderr)
             if n == args.packets:
                 final = (X, y, groups, names)
+                r["captures_with_most_errors"] = capture_errors(y, pred, groups, captures)
+                shuffled = [report(y, validate(X, y, groups, args.folds, seed))
+                            for seed in ROBUSTNESS_SEEDS]
+                f1s = [s["macro_f1"] for s in shuffled]
+                accs = [s["accuracy"] for s in shuffled]
+                r["shuffled_splits"] = {"seeds": ROBUSTNESS_SEEDS, "macro_f1": f1s,
+                                        "accuracy": accs}
+                print(f"N={n}: shuffled by-capture splits: macro-F1 {np.mean(f1s):.3f} "
+                      f"± {np.std(f1s):.3f}, accuracy {np.mean(accs):.3f}", file=sys.stderr)
     X, y, groups, names = final
     metrics["training"] = {
         "captures": len(set(groups.tolist())),
         "flows": int(len(y)),
         "flows_per_class": {CLASSES[k]: v for k, v in sorted(Counter(y.tolist()).items())},
     }
-    model = RandomForestClassifier(**FOREST).fit(X, y)
+    model = fit(X, y, groups)
+    trees, baseline = boosted_trees(model, len(names))
     os.makedirs(args.out, exist_ok=True)
     onnx_path = os.path.join(args.out, "profiler.onnx")
     trees_path = os.path.join(args.out, "profiler.trees.json")
-    export_onnx(model, args.packets, names, onnx_path)
+    export_onnx(trees, baseline, args.packets, names, onnx_path)
+    nic, scale = trees_json(trees, baseline, args.packets, names)
+    metrics["nic_score_scale"] = scale
     with open(trees_path, "w") as f:
-        json.dump(trees_json(model, args.packets, names), f, separators=(",", ":"))
+        json.dump(nic, f, separators=(",", ":"))
         f.write("\n")
+    metrics["trees"] = len(nic["trees"])
+    metrics["leaves"] = sum(1 for t in nic["trees"] for l in t["left"] if l < 0)
 
     # The exported graph must decide as the trained model does.
     sess = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -238,6 +518,11 @@ def main():
     metrics["onnx_agreement_with_sklearn"] = agree
     if agree < 0.999:
         sys.exit(f"ONNX export disagrees with the trained model on {1 - agree:.2%} of flows")
+    # The NIC's integer scores: argmax of the summed leaf scores (a tree walk).
+    nic_label = np.array([nic_argmax(nic["trees"], x) for x in X.astype(np.int64)])
+    metrics["nic_scores_agreement_with_onnx"] = float(np.mean(nic_label == label))
+    print(f"NIC scores agree with ONNX on {metrics['nic_scores_agreement_with_onnx']:.2%} "
+          f"of the training flows", file=sys.stderr)
     metrics["packets"] = args.packets
     with open(os.path.join(args.out, "profiler.metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -251,4 +536,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # One thread: the same sums in the same order on every machine, so the same model.
+    with threadpool_limits(1):
+        main()

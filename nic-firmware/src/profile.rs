@@ -24,8 +24,84 @@ use crate::Class;
 
 /// Features before the per-packet ones.
 const SCALAR_FEATURES: usize = 15;
+/// Features derived from the record's fields (after the per-packet ones).
+const DERIVED_FEATURES: usize = 26;
+/// Where the derived features start.
+const DERIVED: usize = SCALAR_FEATURES + 2 * MAX_FEATURE_PACKETS;
 /// Length of the model's input vector.
-pub const FEATURES: usize = SCALAR_FEATURES + 2 * MAX_FEATURE_PACKETS;
+pub const FEATURES: usize = DERIVED + DERIVED_FEATURES;
+/// A TCP packet of at least this IP length carries data (not a bare SYN or ACK).
+const TCP_DATA_SIZE: u32 = 80;
+/// A packet of at least this IP length is a full-sized one.
+const BIG_SIZE: u32 = 1200;
+
+/// Well-known (IANA) service ports by the kind of service, for the `port_group`
+/// feature: it lets the model treat a port it never saw in training like the others of
+/// its kind (8080 like 80). 0 is any other port.
+const PORT_GROUPS: &[(u32, &[u16])] = &[
+    // HTTP
+    (1, &[80, 8080, 8000, 8008, 8081, 8888, 3128]),
+    // HTTPS / QUIC
+    (2, &[443, 8443]),
+    // DNS, DoT, mDNS, LLMNR
+    (3, &[53, 853, 5353, 5355]),
+    // system and network services
+    (
+        4,
+        &[
+            123, 67, 68, 137, 138, 139, 445, 161, 162, 514, 1900, 111, 135, 88, 389, 636, 546, 547,
+            3702,
+        ],
+    ),
+    // mail, chat, IoT/ICS
+    (
+        5,
+        &[
+            25, 465, 587, 110, 995, 143, 993, 5222, 5223, 5228, 1883, 8883, 5683, 5684, 502, 20000,
+            102, 2404, 47808, 6667,
+        ],
+    ),
+    // VoIP / RTC signalling and STUN
+    (
+        6,
+        &[
+            3478, 3479, 3480, 3481, 5060, 5061, 5004, 5005, 19302, 19303, 19304, 19305, 19306,
+            19307, 19308, 19309,
+        ],
+    ),
+    // remote access, VPN
+    (
+        7,
+        &[22, 23, 3389, 5900, 1194, 500, 4500, 1701, 1723, 51820, 992],
+    ),
+    // file transfer, databases, peer-to-peer
+    (
+        8,
+        &[
+            20, 21, 69, 873, 3306, 5432, 1433, 1521, 27017, 6379, 11211, 9092, 6881, 6882, 6883,
+            6884, 6885, 6886, 6887, 6888, 6889,
+        ],
+    ),
+    // streaming
+    (9, &[554, 1935, 8554, 1755]),
+];
+
+/// The service group of a port (see [`PORT_GROUPS`]), 0 when it has none.
+pub fn port_group(port: u16) -> u32 {
+    PORT_GROUPS
+        .iter()
+        .find(|(_, ports)| ports.contains(&port))
+        .map_or(0, |(g, _)| *g)
+}
+
+/// 0 for a well-known port (below 1024), 1 for a registered one, 2 for a dynamic one.
+fn port_range(port: u16) -> u32 {
+    match port {
+        0..1024 => 0,
+        1024..49152 => 1,
+        _ => 2,
+    }
+}
 /// Every feature is clamped below this, so `f32` holds it and any split point between
 /// two of its values exactly.
 pub const FEATURE_LIMIT: u32 = (1 << 23) - 1;
@@ -79,6 +155,32 @@ pub const FEATURE_NAMES: [&str; FEATURES] = [
     "iat_us_13",
     "iat_us_14",
     "iat_us_15",
+    "port_group",
+    "low_port",
+    "server_port_range",
+    "client_port_range",
+    "data_up",
+    "data_down",
+    "big_up",
+    "big_down",
+    "up_0",
+    "down_0",
+    "up_1",
+    "down_1",
+    "up_2",
+    "down_2",
+    "data_up_0",
+    "data_down_0",
+    "data_up_1",
+    "data_down_1",
+    "data_up_2",
+    "data_down_2",
+    "dir_changes",
+    "down_share",
+    "max_iat_us",
+    "min_iat_us",
+    "mean_iat_us",
+    "mean_size",
 ];
 
 /// The model's input vector of a flow's first record: what the NIC knows of its first
@@ -120,7 +222,75 @@ pub fn features(r: &FeatureRecord) -> [u32; FEATURES] {
     x[12] = max_down;
     x[13] = if n == 0 { 0 } else { min_size };
     x[14] = clamp(duration);
+    derive(&mut x, n);
     x
+}
+
+/// The derived features, from the vector's own fields so that training can check them
+/// from the CSV columns: port groups and ranges, data and full-sized packets per
+/// direction, the first three packet sizes of each direction (all, and data only), how
+/// often the direction changes, the downstream byte share (in 64ths), inter-arrival
+/// statistics (of packets 1..n) and the mean size.
+fn derive(x: &mut [u32; FEATURES], n: usize) {
+    let (server_port, client_port) = (x[2] as u16, x[1] as u16);
+    let sg = port_group(server_port);
+    let d = DERIVED;
+    x[d] = if sg != 0 { sg } else { port_group(client_port) };
+    x[d + 1] = u32::from(server_port.min(client_port));
+    x[d + 2] = port_range(server_port);
+    x[d + 3] = port_range(client_port);
+    let data_size = if x[0] == 6 { TCP_DATA_SIZE } else { 0 };
+    let directions = x[6];
+    // Per direction (0 up, 1 down): data and big counts, the first three sizes of all
+    // packets and of data packets.
+    let mut data = [0u32; 2];
+    let mut big = [0u32; 2];
+    let mut seen = [0usize; 2];
+    let mut first = [[0u32; 3]; 2];
+    let mut first_data = [[0u32; 3]; 2];
+    let (mut changes, mut max_iat, mut min_iat) = (0u32, 0u32, u32::MAX);
+    for i in 0..n {
+        let size = x[SCALAR_FEATURES + i];
+        let dir = ((directions >> i) & 1) as usize;
+        if seen[dir] < 3 {
+            first[dir][seen[dir]] = size;
+        }
+        seen[dir] += 1;
+        if size >= data_size {
+            if (data[dir] as usize) < 3 {
+                first_data[dir][data[dir] as usize] = size;
+            }
+            data[dir] += 1;
+        }
+        if size >= BIG_SIZE {
+            big[dir] += 1;
+        }
+        if i > 0 {
+            let iat = x[SCALAR_FEATURES + MAX_FEATURE_PACKETS + i];
+            max_iat = max_iat.max(iat);
+            min_iat = min_iat.min(iat);
+            if (directions >> i) & 1 != (directions >> (i - 1)) & 1 {
+                changes += 1;
+            }
+        }
+    }
+    x[d + 4] = data[0];
+    x[d + 5] = data[1];
+    x[d + 6] = big[0];
+    x[d + 7] = big[1];
+    for k in 0..3 {
+        x[d + 8 + 2 * k] = first[0][k];
+        x[d + 9 + 2 * k] = first[1][k];
+        x[d + 14 + 2 * k] = first_data[0][k];
+        x[d + 15 + 2 * k] = first_data[1][k];
+    }
+    x[d + 20] = changes;
+    let (up, down) = (u64::from(x[9]), u64::from(x[10]));
+    x[d + 21] = (down * 64).checked_div(up + down).unwrap_or(0) as u32;
+    x[d + 22] = max_iat;
+    x[d + 23] = if n > 1 { min_iat } else { 0 };
+    x[d + 24] = if n > 1 { x[14] / (n as u32 - 1) } else { 0 };
+    x[d + 25] = (up + down).checked_div(n as u64).unwrap_or(0) as u32;
 }
 
 /// One node of a decision tree as the host hands it to the NIC.
@@ -882,6 +1052,26 @@ mod tests {
         assert_eq!(named("iat_us_1"), FEATURE_LIMIT, "clamped so f32 holds it");
         assert_eq!(named("duration_us"), FEATURE_LIMIT);
         assert!(x.iter().all(|v| *v <= FEATURE_LIMIT));
+        // Derived: 443 is HTTPS, the client port is dynamic; 60 and 40 are no data.
+        assert_eq!(named("port_group"), 2);
+        assert_eq!(named("low_port"), 443);
+        assert_eq!(
+            (named("server_port_range"), named("client_port_range")),
+            (0, 2)
+        );
+        assert_eq!((named("data_up"), named("data_down")), (0, 1));
+        assert_eq!((named("big_up"), named("big_down")), (0, 1));
+        assert_eq!((named("up_0"), named("up_1"), named("up_2")), (60, 40, 0));
+        assert_eq!((named("down_0"), named("down_1")), (60, 1500));
+        assert_eq!((named("data_down_0"), named("data_down_1")), (1500, 0));
+        assert_eq!(named("dir_changes"), 2);
+        assert_eq!(named("down_share"), 1560 * 64 / 1660);
+        assert_eq!(named("max_iat_us"), FEATURE_LIMIT);
+        assert_eq!(named("min_iat_us"), 200);
+        assert_eq!(named("mean_iat_us"), FEATURE_LIMIT / 3);
+        assert_eq!(named("mean_size"), 1660 / 4);
+        assert_eq!(port_group(8080), 1);
+        assert_eq!(port_group(50_000), 0);
     }
 
     #[test]

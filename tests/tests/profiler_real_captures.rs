@@ -219,7 +219,7 @@ fn the_shipped_model_classifies_real_captures_and_the_nic_agrees() {
         assert!(s.pushed > 0, "{name}: classes reach the NIC");
     }
     assert!(classified > 50);
-    // The tables quantise leaf probabilities to 2^-15: only near-ties may differ.
+    // The tables quantise leaf scores to 2^-k steps: only near-ties may differ.
     assert!(
         agreed * 100 >= classified * 99,
         "NIC agrees on {agreed} of {classified}"
