@@ -1,4 +1,5 @@
-# flowshard: `make run` shows the data plane on a real capture, `make test` runs every check.
+# flowshard: `make run` simulates a week of real load under each policy, `make test` runs
+# every check.
 # Both install what they need first (scripts/setup.sh) and are safe to re-run.
 
 DATA ?= $(or $(FLOWSHARD_DATA),$(HOME)/.cache/flowshard-data)
@@ -16,8 +17,6 @@ setup:
 build: setup
 	$(CARGO) build --release --locked -p flowshard
 
-# The main job: replay a real capture through the emulated NIC with the embedded
-# default configuration (4 nodes, 64 shards, 65,536 buckets), writing the decision log.
 # The main job: the embedded default scenario, every policy side by side.
 run: build
 	./target/release/flowshard simulate --plot target/simulate.svg
