@@ -39,6 +39,9 @@ const MAX_BLOCKS: usize = 64;
 /// Everything that can go wrong driving a NIC.
 #[derive(Debug, thiserror::Error)]
 pub enum NicError {
+    /// Opening the device failed; the transports' errors name the device already.
+    #[error(transparent)]
+    Open(DeviceError),
     #[error("{device}: {source}")]
     Device {
         device: String,

@@ -259,10 +259,7 @@ pub fn inspect(image: &Path, trusted: Option<&Path>, json: bool) -> Result<(), E
 }
 
 fn open(spec: &str) -> Result<Nic<Box<dyn Device>>, Error> {
-    let dev = device::open(spec).map_err(|source| NicError::Device {
-        device: spec.to_owned(),
-        source,
-    })?;
+    let dev = device::open(spec).map_err(NicError::Open)?;
     Ok(Nic::open(dev)?)
 }
 
