@@ -86,8 +86,18 @@ pub fn ip_addr(bytes: &[u8; 16], ipv6: bool) -> core::net::IpAddr {
     }
 }
 
-/// A flow's identity across its records: client and server address and port, protocol.
-pub type FlowId = ([u8; 16], [u8; 16], u16, u16, u8);
+/// A flow's identity across its records: address family, client and server address
+/// and port, protocol. The family is part of it: an IPv4 address fills only the first
+/// four bytes, so without it an IPv6 flow could take an IPv4 flow's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowId {
+    pub ipv6: bool,
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub proto: u8,
+}
 
 /// Decoded flow feature record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,13 +161,14 @@ impl core::fmt::Display for RecordError {
 
 impl FeatureRecord {
     pub fn flow_id(&self) -> FlowId {
-        (
-            self.client_addr,
-            self.server_addr,
-            self.client_port,
-            self.server_port,
-            self.proto,
-        )
+        FlowId {
+            ipv6: self.ipv6,
+            client: self.client_addr,
+            server: self.server_addr,
+            client_port: self.client_port,
+            server_port: self.server_port,
+            proto: self.proto,
+        }
     }
 
     pub fn client_ip(&self) -> core::net::IpAddr {

@@ -1218,15 +1218,15 @@ impl Core {
 
     /// A tracked flow's 5-tuple as the NIC's flow commands take it.
     pub fn flow_tuple(&self, id: &FlowId) -> Option<nic_firmware::FlowTuple> {
-        let f = self.flows.get(id)?;
+        self.flows.get(id)?;
         Some(nic_firmware::FlowTuple {
-            src: id.0,
-            dst: id.1,
-            sport: id.2,
-            dport: id.3,
-            proto: id.4,
-            ipv6: f.ipv6,
-            has_ports: matches!(id.4, 6 | 17),
+            src: id.client,
+            dst: id.server,
+            sport: id.client_port,
+            dport: id.server_port,
+            proto: id.proto,
+            ipv6: id.ipv6,
+            has_ports: matches!(id.proto, 6 | 17),
         })
     }
 
@@ -1295,8 +1295,8 @@ impl Core {
         all.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
         all.into_iter()
             .map(|(id, f)| FlowView {
-                client: addr(&id.0, f.ipv6, id.2),
-                server: addr(&id.1, f.ipv6, id.3),
+                client: addr(&id.client, id.ipv6, id.client_port),
+                server: addr(&id.server, id.ipv6, id.server_port),
                 class: class_name(f.class),
                 flow: *f,
             })
@@ -2245,6 +2245,10 @@ mod tests {
         );
         assert!(top[0].flow.ipv6 && !top[1].flow.ipv6);
         assert_eq!(top[1].client, "10.0.0.1:40000");
+        // The same 16 bytes, ports and protocol in the other family: another flow.
+        c.profile(&[record(v4, v4, true, 100)]);
+        assert_eq!(c.tracked_flows(), 3);
+        assert_eq!(c.top_flows(3)[2].client, "[a00:1::]:40000");
     }
 
     #[test]
