@@ -874,7 +874,13 @@ impl Pipeline {
         let rss = w.rss;
         let bucket = rss & self.bucket_mask;
         let mut new_flow = false;
-        let slot = match self.table.find_among(&w.key, &w.probe, w.candidates) {
+        let found = self.table.find_among(&w.key, &w.probe, w.candidates);
+        if let Some(slot) = found
+            && let Some(d) = self.steer_established(slot, w, bucket)
+        {
+            return d;
+        }
+        let slot = match found {
             Some(slot) => slot,
             None => match self.create_flow(&w.key, w.a_to_b, &w.probe, bucket, rss) {
                 Some(slot) => {
@@ -929,6 +935,69 @@ impl Pipeline {
             class: e.class,
             new_flow,
         }
+    }
+
+    /// The common case of [`steer`](Self::steer), updated in place in the table: an
+    /// established flow on a node that is up, past its feature staging, whose packet
+    /// either continues its flowlet or starts one that moves nothing (no pending
+    /// handoff, and pinned or not sharded). Anything else returns `None`, untouched,
+    /// and takes the general path, which alone handles moves, staging, records and
+    /// counter wrap-around; so the two agree by construction.
+    #[inline(always)]
+    fn steer_established(&mut self, slot: u32, w: &Work, bucket: u32) -> Option<Decision> {
+        let now_us = self.now_us;
+        let e = self.table.entry_mut(slot)?;
+        let len = w.ip_len;
+        let up = matches!(
+            self.node_state.get(e.node as usize),
+            Some(Some(NodeState::Active | NodeState::Draining))
+        );
+        if !up || e.feature_slot != 0 || e.packets == u32::MAX {
+            return None;
+        }
+        let bytes = e.bytes.checked_add(len)?;
+        let new_flowlet = now_us.wrapping_sub(e.last_us) > self.config.flowlet_gap_us;
+        if new_flowlet {
+            let sharded = self.class_group.get(e.class as usize).is_some_and(|&k| k > 1);
+            if !self.handoffs.is_empty() || (sharded && e.flags & flag::PINNED == 0) {
+                return None;
+            }
+            e.flowlet = e.flowlet.wrapping_add(1);
+        }
+        e.packets += 1;
+        e.bytes = bytes;
+        e.last_us = now_us;
+        if e.proto == ipproto::TCP {
+            let f = w.tcp_flags;
+            let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
+            e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
+                | (if f & TCP_RST != 0 { flag::RST } else { 0 })
+                | (if f & TCP_SYN != 0 { flag::SYN } else { 0 });
+        }
+        let c = &mut self.counters;
+        let len64 = u64::from(len);
+        c.bytes += len64;
+        if let Some(n) = c.nodes.get_mut(e.node as usize) {
+            n.packets += 1;
+            n.bytes += len64;
+        }
+        if let Some(s) = c.shards.get_mut(e.shard as usize) {
+            s.packets += 1;
+            s.bytes += len64;
+        }
+        let cl = &mut c.classes[Self::class_slot(e.class)];
+        cl.packets += 1;
+        cl.bytes += len64;
+        Some(Decision {
+            verdict: Verdict::Forward,
+            rss_hash: w.rss,
+            bucket,
+            shard: e.shard,
+            node: e.node,
+            flowlet: e.flowlet,
+            class: e.class,
+            new_flow: false,
+        })
     }
 
     /// Move a sharded flow to the next member of its group at a flowlet boundary.
