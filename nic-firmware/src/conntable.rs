@@ -450,7 +450,7 @@ impl ConnTable {
     /// [`find`](Self::find) among candidates taken earlier; they are taken again if
     /// the table's slots have changed since, and the second bucket's are taken now if
     /// they were not then.
-    #[inline]
+    #[inline(always)]
     pub fn find_among(&self, key: &FlowKey, p: &Probe, c: Candidates) -> Option<u32> {
         let c = if c.generation == self.generation {
             c

@@ -221,7 +221,8 @@ pub struct Pipeline {
     /// `now_ns` in µs, truncated to the 32 bits flow entries keep.
     now_us: u32,
     started: bool,
-    /// The passes' working state, kept between bursts so it is not re-initialised.
+    /// The passes' working state of two overlapping bursts, kept between calls so it
+    /// is not re-initialised.
     work: Vec<Work>,
     sweep_cursor: u32,
     sweep_debt_ns: u64,
@@ -357,7 +358,7 @@ impl Pipeline {
             now_ns: 0,
             now_us: 0,
             started: false,
-            work: vec![Work::default(); BURST],
+            work: vec![Work::default(); 2 * BURST],
             sweep_cursor: 0,
             sweep_debt_ns: 0,
             ns_per_bucket,
@@ -694,15 +695,41 @@ impl Pipeline {
     }
 
     /// Process packets in arrival order, appending one decision per packet to `out`.
+    ///
+    /// Bursts overlap: the next burst is parsed and hashed, and its tag lines
+    /// prefetched, after this burst's entries are prefetched and before they are
+    /// used, so each miss has a whole pass over a burst to resolve instead of the
+    /// few packets between the entry prefetch and the first lookup. Parsing and
+    /// hashing read no state that steering changes, so the order of decisions, and
+    /// every decision, is the same as one burst after another.
     pub fn process_burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
         out.reserve(pkts.len());
-        for chunk in pkts.chunks(BURST) {
-            self.burst(link, chunk, out);
+        let mut work = core::mem::take(&mut self.work);
+        let (mut cur, mut next) = work.split_at_mut(BURST);
+        let mut chunks = pkts.chunks(BURST);
+        if let Some(mut chunk) = chunks.next() {
+            self.prepare(link, chunk, cur);
+            self.candidates(&mut cur[..chunk.len()]);
+            loop {
+                let following = chunks.next();
+                if let Some(f) = following {
+                    self.prepare(link, f, next);
+                }
+                self.finish(chunk, cur, out);
+                let Some(f) = following else {
+                    break;
+                };
+                self.candidates(&mut next[..f.len()]);
+                core::mem::swap(&mut cur, &mut next);
+                chunk = f;
+            }
         }
+        self.work = work;
     }
 
-    fn burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
-        let mut work = core::mem::take(&mut self.work);
+    /// First pass over a burst: parse and hash every packet and prefetch its first
+    /// bucket's tags. Reads only the packets and the hash keys, never flow state.
+    fn prepare(&self, link: LinkType, pkts: &[Packet<'_>], work: &mut [Work]) {
         for (w, pkt) in work.iter_mut().zip(pkts) {
             match &parse(link, pkt.data, pkt.wire_len) {
                 Ok(p) => {
@@ -717,11 +744,21 @@ impl Pipeline {
                 Err(v) => w.verdict = *v,
             }
         }
-        for w in &mut work[..pkts.len()] {
+    }
+
+    /// Second pass: read the first bucket's tags and prefetch the matching entries, or
+    /// the second bucket's tags.
+    fn candidates(&self, work: &mut [Work]) {
+        for w in work {
             if w.verdict == Verdict::Forward {
                 w.candidates = self.table.prefetch_second(&w.probe);
             }
         }
+    }
+
+    /// Last passes: prefetch the second bucket's entries where the first had no
+    /// candidate, then look up, insert and steer each packet in order.
+    fn finish(&mut self, pkts: &[Packet<'_>], work: &mut [Work], out: &mut Vec<Decision>) {
         for w in &mut work[..pkts.len()] {
             if w.verdict == Verdict::Forward {
                 self.table.prefetch_third(&w.probe, &mut w.candidates);
@@ -737,7 +774,6 @@ impl Pipeline {
             self.counters.verdicts[d.verdict as usize] += 1;
             out.push(d);
         }
-        self.work = work;
     }
 
     /// Move NIC time forward (never back) and age the connection table accordingly.
