@@ -1003,7 +1003,8 @@ impl Pipeline {
         e.packets += 1;
         e.bytes = bytes;
         e.last_us = now_us;
-        if e.proto == ipproto::TCP {
+        // Most TCP packets carry none of the flags the entry keeps: test once for any.
+        if e.proto == ipproto::TCP && w.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
             let f = w.tcp_flags;
             let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
             e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
