@@ -5,7 +5,10 @@
 //! bucket's tags; prefetch the entries whose tags match there, or else the second
 //! bucket's tags; for those, prefetch the second bucket's matching entries; then look
 //! up, insert and steer each packet in order — so the DRAM misses of a burst overlap
-//! instead of queueing.
+//! instead of queueing. Consecutive bursts overlap too: the next burst's first pass
+//! runs between this burst's entry prefetches and its lookups, which gives each miss
+//! a whole pass to resolve. Established flows that nothing moves are updated in place
+//! in the table on a short path; every other case takes the general one.
 //!
 //! Steering rules (DESIGN.md, principle 6):
 //! - a new flow takes `bucket = rss_hash & (buckets - 1)` → shard → node, and the
@@ -41,7 +44,9 @@ use crate::{Class, FlowTuple, Verdict, ipproto};
 /// Packets processed together by [`Pipeline::process_burst`]. Measured, not guessed:
 /// larger bursts issue more prefetches at once than the core has miss buffers for, and
 /// the excess stall; smaller ones leave too little time for a miss to resolve. On the
-/// 1M-flow uniform benchmark 16–20 was best (8: 82 ns/packet, 20: 63, 32: 74, 64: 81).
+/// 1M-flow uniform benchmark 16–20 was best (8: 82 ns/packet, 20: 63, 32: 74, 64: 81);
+/// with overlapping bursts, measured again in CPU time per packet, 12–20 are within
+/// noise of each other (8: 63 ns, 12: 61, 16: 57, 20: 59) and 32 is worse (72).
 pub const BURST: usize = 20;
 /// Ageing visits every bucket of the connection table once per sweep period of NIC
 /// time: half the shortest timeout, so a flow ends at most 1.5 timeouts after its last
