@@ -96,14 +96,24 @@ impl FlowEntry {
         }
     }
 
+    /// Compared as three values with non-short-circuit `&`: the ports, protocol and
+    /// family fold into one word and the compare has one branch instead of six.
     #[inline]
     fn matches(&self, k: &FlowKey) -> bool {
-        self.addr_a == k.addr_a
-            && self.addr_b == k.addr_b
-            && self.port_a == k.port_a
-            && self.port_b == k.port_b
-            && self.proto == k.proto
-            && (self.flags & flag::IPV6 != 0) == k.ipv6
+        let tail = |port_a: u16, port_b: u16, proto: u8, ipv6: bool| {
+            u64::from(port_a)
+                | u64::from(port_b) << 16
+                | u64::from(proto) << 32
+                | u64::from(ipv6) << 40
+        };
+        (self.addr_a == k.addr_a)
+            & (self.addr_b == k.addr_b)
+            & (tail(
+                self.port_a,
+                self.port_b,
+                self.proto,
+                self.flags & flag::IPV6 != 0,
+            ) == tail(k.port_a, k.port_b, k.proto, k.ipv6))
     }
 
     /// Both sides sent FIN, or one sent RST: the flow is only lingering.

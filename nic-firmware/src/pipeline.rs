@@ -999,7 +999,10 @@ impl Pipeline {
         let bytes = e.bytes.checked_add(len)?;
         let new_flowlet = now_us.wrapping_sub(e.last_us) > self.config.flowlet_gap_us;
         if new_flowlet {
-            let sharded = self.class_group.get(e.class as usize).is_some_and(|&k| k > 1);
+            let sharded = self
+                .class_group
+                .get(e.class as usize)
+                .is_some_and(|&k| k > 1);
             if !self.handoffs.is_empty() || (sharded && e.flags & flag::PINNED == 0) {
                 return None;
             }

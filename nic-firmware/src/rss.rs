@@ -153,7 +153,8 @@ impl Toeplitz {
         // transforming all 32 address bytes before looking at the family made the
         // compiler spill every byte to the stack, and IPv4 three times slower.
         let (addrs, ports_at) = if t.ipv6 {
-            let (src, dst) = paired::<SYMMETRIC, _>(u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
+            let (src, dst) =
+                paired::<SYMMETRIC, _>(u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
             (
                 self.fold(0, &src.to_ne_bytes()) ^ self.fold(16, &dst.to_ne_bytes()),
                 IPV6_PORTS_AT,
