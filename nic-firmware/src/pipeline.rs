@@ -911,16 +911,25 @@ impl Pipeline {
         self.class_group.get(class as usize).copied().unwrap_or(1)
     }
 
+    #[inline(always)]
     fn steer(&mut self, w: &Work) -> Decision {
-        let rss = w.rss;
-        let bucket = rss & self.bucket_mask;
-        let mut new_flow = false;
+        let bucket = w.rss & self.bucket_mask;
         let found = self.table.find_among(&w.key, &w.probe, w.candidates);
         if let Some(slot) = found
             && let Some(d) = self.steer_established(slot, w, bucket)
         {
             return d;
         }
+        self.steer_general(w, found, bucket)
+    }
+
+    /// Everything [`steer_established`](Self::steer_established) leaves: new flows,
+    /// moves, staging, records. Kept out of line so that the short path's registers
+    /// are not spent on it.
+    #[inline(never)]
+    fn steer_general(&mut self, w: &Work, found: Option<u32>, bucket: u32) -> Decision {
+        let rss = w.rss;
+        let mut new_flow = false;
         let slot = match found {
             Some(slot) => slot,
             None => match self.create_flow(&w.key, w.a_to_b, &w.probe, bucket, rss) {
