@@ -141,10 +141,17 @@ impl Toeplitz {
         // One test per packet instead of one per field pair: with the mode a constant,
         // each path is straight-line loads and XORs.
         if self.symmetric {
-            self.hash_fields::<true>(t)
+            self.hash_symmetric(t)
         } else {
             self.hash_fields::<false>(t)
         }
+    }
+
+    /// The symmetric mode, out of line: the default is not symmetric, and the other
+    /// path inlined beside it would take registers from the caller's.
+    #[inline(never)]
+    fn hash_symmetric(&self, t: &FlowTuple) -> u32 {
+        self.hash_fields::<true>(t)
     }
 
     #[inline(always)]
