@@ -1031,17 +1031,17 @@ impl Pipeline {
         let c = &mut self.counters;
         let len64 = u64::from(len);
         c.bytes += len64;
+        let cl = &mut c.classes[Self::class_slot(e.class)];
+        cl.packets += 1;
+        cl.bytes += len64;
         if let Some(n) = c.nodes.get_mut(e.node as usize) {
             n.packets += 1;
             n.bytes += len64;
         }
         if let Some(s) = c.shards.get_mut(e.shard as usize) {
-            s.packets += 1;
             s.bytes += len64;
+            s.packets += 1;
         }
-        let cl = &mut c.classes[Self::class_slot(e.class)];
-        cl.packets += 1;
-        cl.bytes += len64;
         Some(Decision {
             verdict: Verdict::Forward,
             rss_hash: w.rss,
