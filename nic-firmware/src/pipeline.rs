@@ -770,14 +770,13 @@ impl Pipeline {
             }
         }
         for (w, pkt) in work.iter().zip(pkts) {
-            let d = if w.verdict == Verdict::Forward {
+            if w.verdict == Verdict::Forward {
                 self.advance_clock(pkt.ts_ns);
-                self.steer(w)
+                self.steer(w, out);
             } else {
-                Decision::dropped(w.verdict, 0, 0)
-            };
-            self.counters.verdicts[d.verdict as usize] += 1;
-            out.push(d);
+                self.counters.verdicts[w.verdict as usize] += 1;
+                out.push(Decision::dropped(w.verdict, 0, 0));
+            }
         }
     }
 
@@ -911,16 +910,19 @@ impl Pipeline {
         self.class_group.get(class as usize).copied().unwrap_or(1)
     }
 
+    /// Steer and count one parsed packet, appending its decision to `out`.
     #[inline(always)]
-    fn steer(&mut self, w: &Work) -> Decision {
+    fn steer(&mut self, w: &Work, out: &mut Vec<Decision>) {
         let bucket = w.rss & self.bucket_mask;
         let found = self.table.find_among(&w.key, &w.probe, w.candidates);
         if let Some(slot) = found
-            && let Some(d) = self.steer_established(slot, w, bucket)
+            && self.steer_established(slot, w, bucket, out)
         {
-            return d;
+            return;
         }
-        self.steer_general(w, found, bucket)
+        let d = self.steer_general(w, found, bucket);
+        self.counters.verdicts[d.verdict as usize] += 1;
+        out.push(d);
     }
 
     /// Everything [`steer_established`](Self::steer_established) leaves: new flows,
@@ -990,22 +992,33 @@ impl Pipeline {
     /// The common case of [`steer`](Self::steer), updated in place in the table: an
     /// established flow on a node that is up, past its feature staging, whose packet
     /// either continues its flowlet or starts one that moves nothing (no pending
-    /// handoff, and pinned or not sharded). Anything else returns `None`, untouched,
-    /// and takes the general path, which alone handles moves, staging, records and
-    /// counter wrap-around; so the two agree by construction.
+    /// handoff, and pinned or not sharded): counts it, appends its decision to `out`
+    /// and returns true. Anything else returns false, untouched, and takes the
+    /// general path, which alone handles moves, staging, records and counter
+    /// wrap-around; so the two agree by construction.
     #[inline(always)]
-    fn steer_established(&mut self, slot: u32, w: &Work, bucket: u32) -> Option<Decision> {
+    fn steer_established(
+        &mut self,
+        slot: u32,
+        w: &Work,
+        bucket: u32,
+        out: &mut Vec<Decision>,
+    ) -> bool {
         let now_us = self.now_us;
-        let e = self.table.entry_mut(slot)?;
+        let Some(e) = self.table.entry_mut(slot) else {
+            return false;
+        };
         let len = w.ip_len;
         let up = matches!(
             self.node_state.get(e.node as usize),
             Some(Some(NodeState::Active | NodeState::Draining))
         );
         if !up || e.feature_slot != 0 || e.packets == u32::MAX {
-            return None;
+            return false;
         }
-        let bytes = e.bytes.checked_add(len)?;
+        let Some(bytes) = e.bytes.checked_add(len) else {
+            return false;
+        };
         let new_flowlet = now_us.wrapping_sub(e.last_us) > self.config.flowlet_gap_us;
         if new_flowlet {
             let sharded = self
@@ -1013,7 +1026,7 @@ impl Pipeline {
                 .get(e.class as usize)
                 .is_some_and(|&k| k > 1);
             if !self.handoffs.is_empty() || (sharded && e.flags & flag::PINNED == 0) {
-                return None;
+                return false;
             }
             e.flowlet = e.flowlet.wrapping_add(1);
         }
@@ -1042,7 +1055,8 @@ impl Pipeline {
             s.bytes += len64;
             s.packets += 1;
         }
-        Some(Decision {
+        c.verdicts[Verdict::Forward as usize] += 1;
+        out.push(Decision {
             verdict: Verdict::Forward,
             rss_hash: w.rss,
             bucket,
@@ -1051,7 +1065,8 @@ impl Pipeline {
             flowlet: e.flowlet,
             class: e.class,
             new_flow: false,
-        })
+        });
+        true
     }
 
     /// Move a sharded flow to the next member of its group at a flowlet boundary.
