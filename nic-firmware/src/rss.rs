@@ -138,11 +138,30 @@ impl Toeplitz {
     /// With `symmetric`, the input fields are transformed first (see [`Toeplitz`]).
     #[inline]
     pub fn hash_tuple(&self, t: &FlowTuple) -> u32 {
+        // One test per packet instead of one per field pair: with the mode a constant,
+        // each path is straight-line loads and XORs.
+        if self.symmetric {
+            self.hash_symmetric(t)
+        } else {
+            self.hash_fields::<false>(t)
+        }
+    }
+
+    /// The symmetric mode, out of line: the default is not symmetric, and the other
+    /// path inlined beside it would take registers from the caller's.
+    #[inline(never)]
+    fn hash_symmetric(&self, t: &FlowTuple) -> u32 {
+        self.hash_fields::<true>(t)
+    }
+
+    #[inline(always)]
+    fn hash_fields<const SYMMETRIC: bool>(&self, t: &FlowTuple) -> u32 {
         // Each family gets its own straight-line path over only the bytes it hashes:
         // transforming all 32 address bytes before looking at the family made the
         // compiler spill every byte to the stack, and IPv4 three times slower.
         let (addrs, ports_at) = if t.ipv6 {
-            let (src, dst) = self.paired(u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
+            let (src, dst) =
+                paired::<SYMMETRIC, _>(u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
             (
                 self.fold(0, &src.to_ne_bytes()) ^ self.fold(16, &dst.to_ne_bytes()),
                 IPV6_PORTS_AT,
@@ -150,7 +169,7 @@ impl Toeplitz {
         } else {
             let [s0, s1, s2, s3, ..] = t.src;
             let [d0, d1, d2, d3, ..] = t.dst;
-            let (src, dst) = self.paired(
+            let (src, dst) = paired::<SYMMETRIC, _>(
                 u32::from_ne_bytes([s0, s1, s2, s3]),
                 u32::from_ne_bytes([d0, d1, d2, d3]),
             );
@@ -160,7 +179,7 @@ impl Toeplitz {
             )
         };
         if t.has_ports {
-            let (sport, dport) = self.paired(t.sport, t.dport);
+            let (sport, dport) = paired::<SYMMETRIC, _>(t.sport, t.dport);
             addrs
                 ^ self.fold(ports_at, &sport.to_be_bytes())
                 ^ self.fold(ports_at + 2, &dport.to_be_bytes())
@@ -185,18 +204,6 @@ impl Toeplitz {
         }
     }
 
-    /// One source/destination pair of fields as it enters the hash: unchanged, or
-    /// with `symmetric` both replaced by `src ^ dst`.
-    #[inline(always)]
-    fn paired<T: BitXor<Output = T> + Copy>(&self, src: T, dst: T) -> (T, T) {
-        if self.symmetric {
-            let both = src ^ dst;
-            (both, both)
-        } else {
-            (src, dst)
-        }
-    }
-
     /// The hash contribution of `bytes` placed at input position `first`; bytes past
     /// the last table are ignored (callers stay within [`TABLE_POSITIONS`]).
     ///
@@ -209,6 +216,18 @@ impl Toeplitz {
             .skip(first)
             .zip(bytes)
             .fold(0, |h, (table, &b)| h ^ table[usize::from(b)])
+    }
+}
+
+/// One source/destination pair of fields as it enters the hash: unchanged, or with
+/// `SYMMETRIC` both replaced by `src ^ dst`.
+#[inline(always)]
+fn paired<const SYMMETRIC: bool, T: BitXor<Output = T> + Copy>(src: T, dst: T) -> (T, T) {
+    if SYMMETRIC {
+        let both = src ^ dst;
+        (both, both)
+    } else {
+        (src, dst)
     }
 }
 
