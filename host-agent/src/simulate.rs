@@ -1078,19 +1078,11 @@ fn boot_nic(s: &Scenario, on: usize) -> Result<(Arc<Mutex<NicDevice>>, Nic<InPro
     Ok((model, nic))
 }
 
-fn nic_state(p: Power) -> NodeState {
-    match p {
-        Power::Active => NodeState::Active,
-        Power::Warming { .. } | Power::Draining => NodeState::Draining,
-        Power::Off | Power::Failed => NodeState::Down,
-    }
-}
-
 /// Apply a decision to the NIC in one command batch (all of it, or nothing).
 fn apply(nic: &mut Nic<InProcess>, a: &Actions) -> Result<(), Error> {
     let mut batch = Vec::new();
     for (id, p) in &a.power {
-        let code = hw_sim::image::node_state_code(nic_state(*p));
+        let code = hw_sim::image::node_state_code(crate::agent::nic_state(*p));
         batch.push(CmdDesc::new(
             Opcode::SetNodeState,
             (*id).into(),
@@ -1107,13 +1099,11 @@ fn apply(nic: &mut Nic<InProcess>, a: &Actions) -> Result<(), Error> {
     for (c, g) in &a.groups {
         batch.push(CmdDesc::new(Opcode::SetClassGroup, *c as u32, (*g).into()));
     }
-    for chunk in batch.chunks(4096) {
-        let statuses = nic.submit(chunk)?;
-        if let Some((i, st)) = statuses.iter().enumerate().find(|(_, s)| **s != Status::Ok) {
-            return Err(Error::Agent(format!(
-                "the NIC refused descriptor {i} of a plan ({st:?})"
-            )));
-        }
+    let statuses = nic.submit(&batch)?;
+    if let Some((i, st)) = statuses.iter().enumerate().find(|(_, s)| **s != Status::Ok) {
+        return Err(Error::Agent(format!(
+            "the NIC refused descriptor {i} of a plan ({st:?})"
+        )));
     }
     Ok(())
 }
