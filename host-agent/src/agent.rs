@@ -1216,20 +1216,6 @@ impl Core {
         Ok(plan)
     }
 
-    /// A tracked flow's 5-tuple as the NIC's flow commands take it.
-    pub fn flow_tuple(&self, id: &FlowId) -> Option<nic_firmware::FlowTuple> {
-        self.flows.get(id)?;
-        Some(nic_firmware::FlowTuple {
-            src: id.client,
-            dst: id.server,
-            sport: id.client_port,
-            dport: id.server_port,
-            proto: id.proto,
-            ipv6: id.ipv6,
-            has_ports: matches!(id.proto, 6 | 17),
-        })
-    }
-
     /// Tracked flows worth handing off: on a node in `from`, at least `min_age_ns` old
     /// (NIC time), whose shard now sits on another node; at most `max`. Walks the flow
     /// table, which only ticks that hand flows off do.
@@ -1875,7 +1861,7 @@ impl Agent {
         }
         let list: Vec<(nic_firmware::FlowTuple, u16)> = picked
             .iter()
-            .filter_map(|(id, _, to)| Some((self.core.flow_tuple(id)?, *to)))
+            .map(|(id, _, to)| (crate::flows::tuple(id), *to))
             .collect();
         let submitted = Instant::now();
         let results = self

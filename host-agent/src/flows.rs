@@ -39,16 +39,7 @@ pub struct Flow {
 impl Flow {
     /// The flow's tuple as the client sent it.
     pub fn tuple(&self) -> FlowTuple {
-        let r = &self.first;
-        FlowTuple {
-            src: r.client_addr,
-            dst: r.server_addr,
-            sport: r.client_port,
-            dport: r.server_port,
-            proto: r.proto,
-            ipv6: r.ipv6,
-            has_ports: matches!(r.proto, ipproto::TCP | ipproto::UDP),
-        }
+        tuple(&self.first.flow_id())
     }
 
     pub fn client(&self) -> IpAddr {
@@ -57,6 +48,20 @@ impl Flow {
 
     pub fn server(&self) -> IpAddr {
         self.first.server_ip()
+    }
+}
+
+/// A flow's tuple as the client sent it, from the identity its records carry: what
+/// the NIC's flow commands take.
+pub fn tuple(id: &FlowId) -> FlowTuple {
+    FlowTuple {
+        src: id.client,
+        dst: id.server,
+        sport: id.client_port,
+        dport: id.server_port,
+        proto: id.proto,
+        ipv6: id.ipv6,
+        has_ports: matches!(id.proto, ipproto::TCP | ipproto::UDP),
     }
 }
 
