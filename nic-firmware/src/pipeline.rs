@@ -460,7 +460,7 @@ impl Pipeline {
 
     /// Point a shard at another node; established flows keep their node.
     pub fn set_shard_node(&mut self, shard: u16, node: u16) -> Result<(), ConfigError> {
-        if !self.node_defined(node) {
+        if self.node_state(node).is_none() {
             return Err(ConfigError::Invalid {
                 key: "shard.node",
                 why: "no such node",
@@ -536,8 +536,9 @@ impl Pipeline {
         self.table.find(key, &self.table.probe(key))
     }
 
-    fn node_defined(&self, node: u16) -> bool {
-        matches!(self.node_state.get(node as usize), Some(Some(_)))
+    /// A node's state, or `None` for a node the image does not define.
+    pub fn node_state(&self, node: u16) -> Option<NodeState> {
+        self.node_state.get(node as usize).copied().flatten()
     }
 
     /// Schedule a live flow (either direction's tuple) to move to `node` at its next
@@ -559,7 +560,7 @@ impl Pipeline {
             .and_then(|slot| self.table.entry(slot))
             .map(|e| e.node);
         match current {
-            Some(on) if self.node_defined(node) => {
+            Some(on) if self.node_state(node).is_some() => {
                 if on == node {
                     self.handoffs.remove(&key);
                 } else {
