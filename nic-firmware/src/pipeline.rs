@@ -974,7 +974,7 @@ impl Pipeline {
                 }
             }
         }
-        self.account(&mut e, w.ip_len, w.tcp_flags, w.a_to_b);
+        self.account(&mut e, w);
         if let Some(slot_ref) = self.table.entry_mut(slot) {
             *slot_ref = e;
         }
@@ -1034,29 +1034,9 @@ impl Pipeline {
         e.packets += 1;
         e.bytes = bytes;
         e.last_us = now_us;
-        // Most TCP packets carry none of the flags the entry keeps: test once for any.
-        if e.proto == ipproto::TCP && w.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
-            let f = w.tcp_flags;
-            let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
-            e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
-                | (if f & TCP_RST != 0 { flag::RST } else { 0 })
-                | (if f & TCP_SYN != 0 { flag::SYN } else { 0 });
-        }
-        let c = &mut self.counters;
-        let len64 = u64::from(len);
-        c.bytes += len64;
-        let cl = &mut c.classes[Self::class_slot(e.class)];
-        cl.packets += 1;
-        cl.bytes += len64;
-        if let Some(n) = c.nodes.get_mut(e.node as usize) {
-            n.packets += 1;
-            n.bytes += len64;
-        }
-        if let Some(s) = c.shards.get_mut(e.shard as usize) {
-            s.bytes += len64;
-            s.packets += 1;
-        }
-        c.verdicts[Verdict::Forward as usize] += 1;
+        Self::note_tcp_flags(e, w);
+        Self::count_packet(&mut self.counters, e, len);
+        self.counters.verdicts[Verdict::Forward as usize] += 1;
         out.push(Decision {
             verdict: Verdict::Forward,
             rss_hash: w.rss,
@@ -1166,7 +1146,8 @@ impl Pipeline {
 
     /// Count one packet on its flow, node, shard and class, and feed the flow's
     /// feature staging while it is young.
-    fn account(&mut self, e: &mut FlowEntry, len: u32, tcp_flags: u8, a_to_b: bool) {
+    fn account(&mut self, e: &mut FlowEntry, w: &Work) {
+        let len = w.ip_len;
         if e.packets == u32::MAX || e.bytes.checked_add(len).is_none() {
             self.export(e, RecordKind::Interim, EndReason::None);
             e.packets = 0;
@@ -1176,19 +1157,8 @@ impl Pipeline {
         e.packets += 1;
         e.bytes += len;
         e.last_us = self.now_us;
-        let from_a = a_to_b;
-        let f = tcp_flags;
-        if e.proto == ipproto::TCP {
-            if f & TCP_FIN != 0 {
-                e.flags |= if from_a { flag::FIN_A } else { flag::FIN_B };
-            }
-            if f & TCP_RST != 0 {
-                e.flags |= flag::RST;
-            }
-            if f & TCP_SYN != 0 {
-                e.flags |= flag::SYN;
-            }
-        }
+        Self::note_tcp_flags(e, w);
+        let (from_a, f) = (w.a_to_b, w.tcp_flags);
         let from_client = from_a == (e.flags & flag::A_IS_CLIENT != 0);
         if e.feature_slot != 0 {
             let n_max = self.config.feature_packets;
@@ -1231,19 +1201,39 @@ impl Pipeline {
                 }
             }
         }
-        let c = &mut self.counters;
-        c.bytes += u64::from(len);
-        if let Some(n) = c.nodes.get_mut(e.node as usize) {
-            n.packets += 1;
-            n.bytes += u64::from(len);
+        Self::count_packet(&mut self.counters, e, len);
+    }
+
+    /// Keep the TCP flags a flow entry records (FIN per direction, RST, SYN).
+    #[inline(always)]
+    fn note_tcp_flags(e: &mut FlowEntry, w: &Work) {
+        // Most TCP packets carry none of the flags the entry keeps: test once for any.
+        if e.proto == ipproto::TCP && w.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
+            let f = w.tcp_flags;
+            let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
+            e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
+                | (if f & TCP_RST != 0 { flag::RST } else { 0 })
+                | (if f & TCP_SYN != 0 { flag::SYN } else { 0 });
         }
-        if let Some(s) = c.shards.get_mut(e.shard as usize) {
-            s.packets += 1;
-            s.bytes += u64::from(len);
-        }
+    }
+
+    /// Count one forwarded packet of `len` bytes of flow `e`: in all, for its class, its
+    /// node and its shard.
+    #[inline(always)]
+    fn count_packet(c: &mut Counters, e: &FlowEntry, len: u32) {
+        let len = u64::from(len);
+        c.bytes += len;
         let cl = &mut c.classes[Self::class_slot(e.class)];
         cl.packets += 1;
-        cl.bytes += u64::from(len);
+        cl.bytes += len;
+        if let Some(n) = c.nodes.get_mut(e.node as usize) {
+            n.packets += 1;
+            n.bytes += len;
+        }
+        if let Some(s) = c.shards.get_mut(e.shard as usize) {
+            s.bytes += len;
+            s.packets += 1;
+        }
     }
 
     fn end_flow(&mut self, e: &FlowEntry, reason: EndReason) {
