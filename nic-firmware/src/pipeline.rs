@@ -1469,8 +1469,8 @@ mod tests {
         assert_eq!(p.counters().verdict(Verdict::NoNode), 1);
     }
 
-    #[test]
-    fn sharded_flows_move_only_at_flowlet_boundaries() {
+    /// [`small`], with TCP port 80 classed bulk and bulk sharded over a group of 4.
+    fn small_bulk_sharded() -> PipelineConfig {
         let mut cfg = small();
         cfg.class_policies.push(ClassPolicy {
             class: Class::Bulk,
@@ -1481,6 +1481,12 @@ mod tests {
             ports: [80, 80],
             class: Class::Bulk,
         });
+        cfg
+    }
+
+    #[test]
+    fn sharded_flows_move_only_at_flowlet_boundaries() {
+        let cfg = small_bulk_sharded();
         let mut p = Pipeline::new(&cfg).unwrap();
         let gap = u64::from(cfg.flowlet_gap_us) * 1_000;
         let mut t = 0u64;
@@ -1845,16 +1851,7 @@ mod tests {
 
     #[test]
     fn pinned_flows_move_at_once_and_stay_through_flowlets_until_unpinned() {
-        let mut cfg = small();
-        cfg.class_policies.push(ClassPolicy {
-            class: Class::Bulk,
-            group: 4,
-        });
-        cfg.port_rules.push(PortRule {
-            proto: 6,
-            ports: [80, 80],
-            class: Class::Bulk,
-        });
+        let cfg = small_bulk_sharded();
         let gap_ns = u64::from(cfg.flowlet_gap_us) * 1_000 + 1_000;
         let mut p = Pipeline::new(&cfg).unwrap();
         let a = send(&mut p, 0, &tcp(7, false, TCP_SYN, 0));
