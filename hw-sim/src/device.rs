@@ -29,7 +29,7 @@ use hdl_bindings::telemetry::FEATURE_RECORD_LEN;
 use hdl_bindings::{IRQ_CMD, IRQ_TELEMETRY, IRQ_VECTORS, PCI_DEVICE_ID, PCI_VENDOR_ID};
 use nic_firmware::pipeline::{Decision, FlowCounters, Packet};
 use nic_firmware::profile::ClassifierTables;
-use nic_firmware::{Class, FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
+use nic_firmware::{Class, FlowTuple, LinkType, NodeState, Pipeline, PipelineConfig, ipproto};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -1144,10 +1144,6 @@ fn read_payload(p: &Pipeline, dma: &DmaSpace, d: &CmdDesc) -> Result<Payload, St
             }
             let mut raw = vec![0u8; count as usize * FLOW_LIST_ENTRY_LEN];
             dma.read(d.iova(), &mut raw).map_err(|_| Status::DmaFault)?;
-            let mut defined = vec![false; p.counters().nodes.len()];
-            for n in p.nodes() {
-                defined[usize::from(n.id)] = true;
-            }
             let classes = op == Some(Opcode::SetFlowClasses);
             let mut flows = Vec::with_capacity(count as usize);
             for chunk in raw.chunks_exact(FLOW_LIST_ENTRY_LEN) {
@@ -1157,8 +1153,7 @@ fn read_payload(p: &Pipeline, dma: &DmaSpace, d: &CmdDesc) -> Result<Payload, St
                 if classes && usize::from(v) >= Class::COUNT {
                     return Err(Status::BadClass);
                 }
-                if !classes && v != NO_FLOW_NODE && !defined.get(usize::from(v)).is_some_and(|d| *d)
-                {
+                if !classes && v != NO_FLOW_NODE && p.node_state(v).is_none() {
                     return Err(Status::BadNode);
                 }
                 flows.push((tuple, v));
@@ -1182,17 +1177,13 @@ fn apply_flows(p: &mut Pipeline, op: Opcode, flows: &[(FlowTuple, u16)]) -> Vec<
             FlowResult::NoSuchFlow
         }
     };
-    let mut active = vec![false; p.counters().nodes.len()];
-    for n in p.nodes() {
-        active[usize::from(n.id)] = n.state == nic_firmware::NodeState::Active;
-    }
     flows
         .iter()
         .map(|(t, v)| match (op, *v) {
             (Opcode::HandOffFlows, NO_FLOW_NODE) => done(p.cancel_hand_off(t)),
             (Opcode::HandOffFlows, node) => done(p.hand_off(t, node)),
             (Opcode::PinFlows, NO_FLOW_NODE) => done(p.unpin_flow(t)),
-            (Opcode::PinFlows, node) if !active.get(usize::from(node)).is_some_and(|a| *a) => {
+            (Opcode::PinFlows, node) if p.node_state(node) != Some(NodeState::Active) => {
                 // Counted as a refused pin, like any pin onto a node that is not active.
                 p.pin_flow(t, node);
                 FlowResult::NodeNotActive

@@ -426,12 +426,17 @@ mod tests {
 
     /// Make the payload CRC, the header CRC and the signature right again.
     fn reseal_all(img: &[u8]) -> Vec<u8> {
-        let view = ImageView::parse(img).unwrap();
-        let mut b = view.signed.to_vec();
+        sign(&reseal_all_raw(img), &dev_signing_key()).unwrap()
+    }
+
+    /// [`reseal_all`] without the signature, for an image whose structure no longer
+    /// parses: the signed image's CRCs made right, its signature block dropped.
+    fn reseal_all_raw(img: &[u8]) -> Vec<u8> {
+        let mut b = img[..img.len() - 80].to_vec();
         let crc = crc32c::crc32c(&b[HEADER_LEN..]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         reseal(&mut b);
-        sign(&b, &dev_signing_key()).unwrap()
+        b
     }
 
     #[test]
@@ -496,15 +501,6 @@ mod tests {
                 offset: (HEADER_LEN + 98) as u32
             }
         );
-    }
-
-    /// [`reseal_all`] for an image whose structure no longer parses.
-    fn reseal_all_raw(img: &[u8]) -> Vec<u8> {
-        let mut b = img[..img.len() - 80].to_vec();
-        let crc = crc32c::crc32c(&b[HEADER_LEN..]);
-        b[20..24].copy_from_slice(&crc.to_le_bytes());
-        reseal(&mut b);
-        b
     }
 
     #[test]

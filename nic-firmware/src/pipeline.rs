@@ -460,7 +460,7 @@ impl Pipeline {
 
     /// Point a shard at another node; established flows keep their node.
     pub fn set_shard_node(&mut self, shard: u16, node: u16) -> Result<(), ConfigError> {
-        if !self.node_defined(node) {
+        if self.node_state(node).is_none() {
             return Err(ConfigError::Invalid {
                 key: "shard.node",
                 why: "no such node",
@@ -536,8 +536,9 @@ impl Pipeline {
         self.table.find(key, &self.table.probe(key))
     }
 
-    fn node_defined(&self, node: u16) -> bool {
-        matches!(self.node_state.get(node as usize), Some(Some(_)))
+    /// A node's state, or `None` for a node the image does not define.
+    pub fn node_state(&self, node: u16) -> Option<NodeState> {
+        self.node_state.get(node as usize).copied().flatten()
     }
 
     /// Schedule a live flow (either direction's tuple) to move to `node` at its next
@@ -559,7 +560,7 @@ impl Pipeline {
             .and_then(|slot| self.table.entry(slot))
             .map(|e| e.node);
         match current {
-            Some(on) if self.node_defined(node) => {
+            Some(on) if self.node_state(node).is_some() => {
                 if on == node {
                     self.handoffs.remove(&key);
                 } else {
@@ -973,7 +974,7 @@ impl Pipeline {
                 }
             }
         }
-        self.account(&mut e, w.ip_len, w.tcp_flags, w.a_to_b);
+        self.account(&mut e, w);
         if let Some(slot_ref) = self.table.entry_mut(slot) {
             *slot_ref = e;
         }
@@ -1033,29 +1034,9 @@ impl Pipeline {
         e.packets += 1;
         e.bytes = bytes;
         e.last_us = now_us;
-        // Most TCP packets carry none of the flags the entry keeps: test once for any.
-        if e.proto == ipproto::TCP && w.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
-            let f = w.tcp_flags;
-            let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
-            e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
-                | (if f & TCP_RST != 0 { flag::RST } else { 0 })
-                | (if f & TCP_SYN != 0 { flag::SYN } else { 0 });
-        }
-        let c = &mut self.counters;
-        let len64 = u64::from(len);
-        c.bytes += len64;
-        let cl = &mut c.classes[Self::class_slot(e.class)];
-        cl.packets += 1;
-        cl.bytes += len64;
-        if let Some(n) = c.nodes.get_mut(e.node as usize) {
-            n.packets += 1;
-            n.bytes += len64;
-        }
-        if let Some(s) = c.shards.get_mut(e.shard as usize) {
-            s.bytes += len64;
-            s.packets += 1;
-        }
-        c.verdicts[Verdict::Forward as usize] += 1;
+        Self::note_tcp_flags(e, w);
+        Self::count_packet(&mut self.counters, e, len);
+        self.counters.verdicts[Verdict::Forward as usize] += 1;
         out.push(Decision {
             verdict: Verdict::Forward,
             rss_hash: w.rss,
@@ -1165,7 +1146,8 @@ impl Pipeline {
 
     /// Count one packet on its flow, node, shard and class, and feed the flow's
     /// feature staging while it is young.
-    fn account(&mut self, e: &mut FlowEntry, len: u32, tcp_flags: u8, a_to_b: bool) {
+    fn account(&mut self, e: &mut FlowEntry, w: &Work) {
+        let len = w.ip_len;
         if e.packets == u32::MAX || e.bytes.checked_add(len).is_none() {
             self.export(e, RecordKind::Interim, EndReason::None);
             e.packets = 0;
@@ -1175,19 +1157,8 @@ impl Pipeline {
         e.packets += 1;
         e.bytes += len;
         e.last_us = self.now_us;
-        let from_a = a_to_b;
-        let f = tcp_flags;
-        if e.proto == ipproto::TCP {
-            if f & TCP_FIN != 0 {
-                e.flags |= if from_a { flag::FIN_A } else { flag::FIN_B };
-            }
-            if f & TCP_RST != 0 {
-                e.flags |= flag::RST;
-            }
-            if f & TCP_SYN != 0 {
-                e.flags |= flag::SYN;
-            }
-        }
+        Self::note_tcp_flags(e, w);
+        let (from_a, f) = (w.a_to_b, w.tcp_flags);
         let from_client = from_a == (e.flags & flag::A_IS_CLIENT != 0);
         if e.feature_slot != 0 {
             let n_max = self.config.feature_packets;
@@ -1230,19 +1201,39 @@ impl Pipeline {
                 }
             }
         }
-        let c = &mut self.counters;
-        c.bytes += u64::from(len);
-        if let Some(n) = c.nodes.get_mut(e.node as usize) {
-            n.packets += 1;
-            n.bytes += u64::from(len);
+        Self::count_packet(&mut self.counters, e, len);
+    }
+
+    /// Keep the TCP flags a flow entry records (FIN per direction, RST, SYN).
+    #[inline(always)]
+    fn note_tcp_flags(e: &mut FlowEntry, w: &Work) {
+        // Most TCP packets carry none of the flags the entry keeps: test once for any.
+        if e.proto == ipproto::TCP && w.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
+            let f = w.tcp_flags;
+            let fin = if w.a_to_b { flag::FIN_A } else { flag::FIN_B };
+            e.flags |= (if f & TCP_FIN != 0 { fin } else { 0 })
+                | (if f & TCP_RST != 0 { flag::RST } else { 0 })
+                | (if f & TCP_SYN != 0 { flag::SYN } else { 0 });
         }
-        if let Some(s) = c.shards.get_mut(e.shard as usize) {
-            s.packets += 1;
-            s.bytes += u64::from(len);
-        }
+    }
+
+    /// Count one forwarded packet of `len` bytes of flow `e`: in all, for its class, its
+    /// node and its shard.
+    #[inline(always)]
+    fn count_packet(c: &mut Counters, e: &FlowEntry, len: u32) {
+        let len = u64::from(len);
+        c.bytes += len;
         let cl = &mut c.classes[Self::class_slot(e.class)];
         cl.packets += 1;
-        cl.bytes += u64::from(len);
+        cl.bytes += len;
+        if let Some(n) = c.nodes.get_mut(e.node as usize) {
+            n.packets += 1;
+            n.bytes += len;
+        }
+        if let Some(s) = c.shards.get_mut(e.shard as usize) {
+            s.bytes += len;
+            s.packets += 1;
+        }
     }
 
     fn end_flow(&mut self, e: &FlowEntry, reason: EndReason) {
@@ -1478,8 +1469,8 @@ mod tests {
         assert_eq!(p.counters().verdict(Verdict::NoNode), 1);
     }
 
-    #[test]
-    fn sharded_flows_move_only_at_flowlet_boundaries() {
+    /// [`small`], with TCP port 80 classed bulk and bulk sharded over a group of 4.
+    fn small_bulk_sharded() -> PipelineConfig {
         let mut cfg = small();
         cfg.class_policies.push(ClassPolicy {
             class: Class::Bulk,
@@ -1490,6 +1481,12 @@ mod tests {
             ports: [80, 80],
             class: Class::Bulk,
         });
+        cfg
+    }
+
+    #[test]
+    fn sharded_flows_move_only_at_flowlet_boundaries() {
+        let cfg = small_bulk_sharded();
         let mut p = Pipeline::new(&cfg).unwrap();
         let gap = u64::from(cfg.flowlet_gap_us) * 1_000;
         let mut t = 0u64;
@@ -1854,16 +1851,7 @@ mod tests {
 
     #[test]
     fn pinned_flows_move_at_once_and_stay_through_flowlets_until_unpinned() {
-        let mut cfg = small();
-        cfg.class_policies.push(ClassPolicy {
-            class: Class::Bulk,
-            group: 4,
-        });
-        cfg.port_rules.push(PortRule {
-            proto: 6,
-            ports: [80, 80],
-            class: Class::Bulk,
-        });
+        let cfg = small_bulk_sharded();
         let gap_ns = u64::from(cfg.flowlet_gap_us) * 1_000 + 1_000;
         let mut p = Pipeline::new(&cfg).unwrap();
         let a = send(&mut p, 0, &tcp(7, false, TCP_SYN, 0));

@@ -162,10 +162,6 @@ fn every_kind_of_bad_image_is_rejected_and_the_device_is_untouched() {
         flash(&mut nic, &good).unwrap();
         rig.traffic(0..100, 1_000);
         let before = nic.status().unwrap();
-        let reseal_header = |b: &mut Vec<u8>| {
-            let crc = crc32c(&b[..60]);
-            b[60..64].copy_from_slice(&crc.to_le_bytes());
-        };
         let mut cases: Vec<(&str, Vec<u8>, ImageError)> = Vec::new();
         cases.push((
             "truncated",
@@ -220,12 +216,9 @@ fn every_kind_of_bad_image_is_rejected_and_the_device_is_untouched() {
         ] {
             let mut b = unsigned.clone();
             b[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
-            let crc = crc32c(&b[HEADER_LEN..]);
-            b[20..24].copy_from_slice(&crc.to_le_bytes());
-            reseal_header(&mut b);
             cases.push((
                 "out-of-range table size",
-                sign(&b, &dev_signing_key()).unwrap(),
+                resealed_and_signed(b),
                 ImageError::OutOfRange {
                     key: config_key_id(key),
                 },
@@ -267,6 +260,16 @@ fn every_kind_of_bad_image_is_rejected_and_the_device_is_untouched() {
         // Still flashable afterwards.
         flash(&mut nic, &image(2, &PipelineConfig::default())).unwrap();
     });
+}
+
+/// An unsigned image changed after it was built, with its payload and header CRCs made
+/// right again and signed: only the device's checks of the contents can refuse it.
+fn resealed_and_signed(mut b: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c(&b[HEADER_LEN..]);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c(&b[..60]);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
+    sign(&b, &dev_signing_key()).unwrap()
 }
 
 fn crc32c(b: &[u8]) -> u32 {
@@ -644,11 +647,7 @@ fn an_image_carries_classifier_tables_and_a_corrupt_section_changes_nothing() {
         for (at, value, what) in [(tables_at, b'Z', "magic"), (tables_at + 6, 4, "N")] {
             let mut b = unsigned.clone();
             b[at] = value;
-            let crc = crc32c(&b[HEADER_LEN..]);
-            b[20..24].copy_from_slice(&crc.to_le_bytes());
-            let crc = crc32c(&b[..60]);
-            b[60..64].copy_from_slice(&crc.to_le_bytes());
-            let bad = sign(&b, &dev_signing_key()).unwrap();
+            let bad = resealed_and_signed(b);
             let err = rejected(nic.flash(&bad, 64 << 10, &mut |_, _| true));
             match what {
                 "magic" => assert_eq!(
