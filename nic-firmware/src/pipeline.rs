@@ -35,7 +35,7 @@ use crate::config::{
     ConfigError, MAX_GROUP, MAX_TIMEOUT_MS, NodeConfig, NodeState, PipelineConfig,
 };
 use crate::conntable::{Candidates, ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag};
-use crate::parse::{LinkType, parse};
+use crate::parse::{LinkType, ethernet_ipv4_fast, parse_general};
 use crate::placement::{Target, maglev_table};
 use crate::profile::{ClassifierTables, features};
 use crate::rss::Toeplitz;
@@ -735,21 +735,55 @@ impl Pipeline {
 
     /// First pass over a burst: parse and hash every packet and prefetch its first
     /// bucket's tags. Reads only the packets and the hash keys, never flow state.
+    ///
+    /// The common packet (see [`FastIpv4`](crate::parse::FastIpv4)) goes from header bytes to key, hash and
+    /// probe in registers; everything else through the general parser.
     fn prepare(&self, link: LinkType, pkts: &[Packet<'_>], work: &mut [Work]) {
         for (w, pkt) in work.iter_mut().zip(pkts) {
-            match &parse(link, pkt.data, pkt.wire_len) {
+            if link == LinkType::Ethernet
+                && let Some(f) = ethernet_ipv4_fast(pkt.data, pkt.wire_len)
+            {
+                let (key, a_to_b) = FlowKey::from_ipv4(f.src, f.dst, f.sport, f.dport, f.proto);
+                let rss = self.rss.hash_ipv4_ports(f.src, f.dst, f.sport, f.dport);
+                self.admit(w, key, a_to_b, rss, u32::from(f.ip_len), f.tcp_flags);
+                continue;
+            }
+            match &parse_general(link, pkt.data, pkt.wire_len) {
                 Ok(p) => {
-                    w.rss = self.rss.hash_tuple(&p.tuple);
-                    (w.key, w.a_to_b) = FlowKey::from_tuple(&p.tuple);
-                    w.probe = self.table.probe(&w.key);
-                    self.table.prefetch_first(&w.probe);
-                    w.ip_len = p.ip_len;
-                    w.tcp_flags = p.tcp_flags;
-                    w.verdict = Verdict::Forward;
+                    let (key, a_to_b) = FlowKey::from_tuple(&p.tuple);
+                    let rss = self.rss.hash_tuple(&p.tuple);
+                    self.admit(w, key, a_to_b, rss, p.ip_len, p.tcp_flags);
                 }
                 Err(v) => w.verdict = *v,
             }
         }
+    }
+
+    /// Fill a parsed packet's working state and prefetch its first bucket's tags. The
+    /// state is written once, whole: reading back fields just stored piecewise stalls
+    /// on store-to-load forwarding.
+    #[inline(always)]
+    fn admit(
+        &self,
+        w: &mut Work,
+        key: FlowKey,
+        a_to_b: bool,
+        rss: u32,
+        ip_len: u32,
+        tcp_flags: u8,
+    ) {
+        let probe = self.table.probe(&key);
+        self.table.prefetch_first(&probe);
+        *w = Work {
+            key,
+            probe,
+            candidates: Candidates::default(),
+            rss,
+            ip_len,
+            tcp_flags,
+            a_to_b,
+            verdict: Verdict::Forward,
+        };
     }
 
     /// Second pass: read the first bucket's tags and prefetch the matching entries, or
@@ -1339,6 +1373,7 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::config::{ClassPolicy, PortRule};
+    use crate::parse::parse;
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
     use std::vec::Vec as StdVec;

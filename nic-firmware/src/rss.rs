@@ -159,33 +159,57 @@ impl Toeplitz {
         // Each family gets its own straight-line path over only the bytes it hashes:
         // transforming all 32 address bytes before looking at the family made the
         // compiler spill every byte to the stack, and IPv4 three times slower.
-        let (addrs, ports_at) = if t.ipv6 {
+        let ports = t.has_ports.then_some((t.sport, t.dport));
+        if t.ipv6 {
             let (src, dst) =
                 paired::<SYMMETRIC, _>(u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
-            (
-                self.fold(0, &src.to_ne_bytes()) ^ self.fold(16, &dst.to_ne_bytes()),
-                IPV6_PORTS_AT,
-            )
+            self.fold(0, &src.to_ne_bytes())
+                ^ self.fold(16, &dst.to_ne_bytes())
+                ^ self.ports::<SYMMETRIC>(IPV6_PORTS_AT, ports)
         } else {
             let [s0, s1, s2, s3, ..] = t.src;
             let [d0, d1, d2, d3, ..] = t.dst;
-            let (src, dst) = paired::<SYMMETRIC, _>(
-                u32::from_ne_bytes([s0, s1, s2, s3]),
-                u32::from_ne_bytes([d0, d1, d2, d3]),
-            );
-            (
-                self.fold(0, &src.to_ne_bytes()) ^ self.fold(4, &dst.to_ne_bytes()),
-                IPV4_PORTS_AT,
-            )
-        };
-        if t.has_ports {
-            let (sport, dport) = paired::<SYMMETRIC, _>(t.sport, t.dport);
-            addrs
-                ^ self.fold(ports_at, &sport.to_be_bytes())
-                ^ self.fold(ports_at + 2, &dport.to_be_bytes())
-        } else {
-            addrs
+            self.ipv4::<SYMMETRIC>([s0, s1, s2, s3], [d0, d1, d2, d3], ports)
         }
+    }
+
+    /// [`hash_tuple`](Self::hash_tuple) of an IPv4 TCP or UDP packet given as its
+    /// fields (addresses in network byte order), for the parser's fast path.
+    #[inline(always)]
+    pub fn hash_ipv4_ports(&self, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> u32 {
+        if self.symmetric {
+            self.hash_ipv4_symmetric(src, dst, sport, dport)
+        } else {
+            self.ipv4::<false>(src, dst, Some((sport, dport)))
+        }
+    }
+
+    /// Out of line for the reason [`hash_symmetric`](Self::hash_symmetric) is.
+    #[inline(never)]
+    fn hash_ipv4_symmetric(&self, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> u32 {
+        self.ipv4::<true>(src, dst, Some((sport, dport)))
+    }
+
+    #[inline(always)]
+    fn ipv4<const SYMMETRIC: bool>(
+        &self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        ports: Option<(u16, u16)>,
+    ) -> u32 {
+        let (src, dst) = paired::<SYMMETRIC, _>(u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+        self.fold(0, &src.to_ne_bytes())
+            ^ self.fold(4, &dst.to_ne_bytes())
+            ^ self.ports::<SYMMETRIC>(IPV4_PORTS_AT, ports)
+    }
+
+    /// The ports' contribution, placed right after the addresses; none without ports.
+    #[inline(always)]
+    fn ports<const SYMMETRIC: bool>(&self, at: usize, ports: Option<(u16, u16)>) -> u32 {
+        ports.map_or(0, |(sport, dport)| {
+            let (sport, dport) = paired::<SYMMETRIC, _>(sport, dport);
+            self.fold(at, &sport.to_be_bytes()) ^ self.fold(at + 2, &dport.to_be_bytes())
+        })
     }
 
     /// Hash arbitrary input bytes, equal to [`toeplitz_reference`] with this key.
@@ -576,6 +600,22 @@ mod tests {
             let rss = Toeplitz::new(&key, symmetric);
             let expected = toeplitz_reference(&key, &spec_input(&t, symmetric));
             prop_assert_eq!(rss.hash_tuple(&t), expected);
+        }
+
+        #[test]
+        fn ipv4_fields_hash_as_their_tuple_does(
+            key in any::<[u8; RSS_KEY_LEN]>(),
+            src in any::<[u8; 4]>(),
+            dst in any::<[u8; 4]>(),
+            sport: u16,
+            dport: u16,
+            symmetric in any::<bool>(),
+        ) {
+            let rss = Toeplitz::new(&key, symmetric);
+            let mut t = FlowTuple { sport, dport, proto: 6, has_ports: true, ..FlowTuple::default() };
+            t.src[..4].copy_from_slice(&src);
+            t.dst[..4].copy_from_slice(&dst);
+            prop_assert_eq!(rss.hash_ipv4_ports(src, dst, sport, dport), rss.hash_tuple(&t));
         }
 
         #[test]
