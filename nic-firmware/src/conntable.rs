@@ -347,7 +347,7 @@ fn reduce(x: u32, n: u32) -> u32 {
 /// before touching any, so their memory latencies overlap.
 #[allow(unsafe_code)]
 #[inline(always)]
-fn prefetch<T>(r: &T) {
+pub(crate) fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint: it never faults and never changes memory, and
     // the pointer comes from a valid reference.

@@ -34,7 +34,9 @@ use hdl_bindings::telemetry::{EndReason, FeatureRecord, MAX_FEATURE_PACKETS, Rec
 use crate::config::{
     ConfigError, MAX_GROUP, MAX_TIMEOUT_MS, NodeConfig, NodeState, PipelineConfig,
 };
-use crate::conntable::{Candidates, ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag};
+use crate::conntable::{
+    Candidates, ConnTable, FlowEntry, FlowKey, Probe, UNCLASSIFIED, flag, prefetch,
+};
 use crate::parse::{LinkType, ethernet_ipv4_fast, parse_general};
 use crate::placement::{Target, maglev_table};
 use crate::profile::{ClassifierTables, features};
@@ -712,14 +714,14 @@ impl Pipeline {
         out.reserve(pkts.len());
         let mut work = core::mem::take(&mut self.work);
         let (mut cur, mut next) = work.split_at_mut(BURST);
-        let mut chunks = pkts.chunks(BURST);
+        let mut chunks = pkts.chunks(BURST).peekable();
         if let Some(mut chunk) = chunks.next() {
-            self.prepare(link, chunk, cur);
+            self.prepare(link, chunk, cur, chunks.peek().copied().unwrap_or_default());
             self.candidates(&mut cur[..chunk.len()]);
             loop {
                 let following = chunks.next();
                 if let Some(f) = following {
-                    self.prepare(link, f, next);
+                    self.prepare(link, f, next, chunks.peek().copied().unwrap_or_default());
                 }
                 self.finish(chunk, cur, out);
                 let Some(f) = following else {
@@ -738,8 +740,18 @@ impl Pipeline {
     ///
     /// The common packet (see [`FastIpv4`](crate::parse::FastIpv4)) goes from header bytes to key, hash and
     /// probe in registers; everything else through the general parser.
-    fn prepare(&self, link: LinkType, pkts: &[Packet<'_>], work: &mut [Work]) {
+    fn prepare(
+        &self,
+        link: LinkType,
+        pkts: &[Packet<'_>],
+        work: &mut [Work],
+        ahead: &[Packet<'_>],
+    ) {
+        let mut ahead = ahead.iter();
         for (w, pkt) in work.iter_mut().zip(pkts) {
+            if let Some(a) = ahead.next().and_then(|a| a.data.first()) {
+                prefetch(a);
+            }
             if link == LinkType::Ethernet
                 && let Some(f) = ethernet_ipv4_fast(pkt.data, pkt.wire_len)
             {
