@@ -117,6 +117,14 @@ impl Collector {
         }
         opened
     }
+
+    /// Whether flow `i` has not ended yet. Its tuple names it on the NIC only while it
+    /// has not: after its end, the same tuple can already name a newer flow.
+    fn is_live(&self, i: usize) -> bool {
+        self.flows
+            .get(i)
+            .is_some_and(|f| self.live.get(&f.first.flow_id()) == Some(&i))
+    }
 }
 
 /// Run a capture through a pipeline built from `config` (with the profiler's `tables`
@@ -167,6 +175,9 @@ pub fn collect(
                 opened.push(i);
             }
         }
+        // A flow whose end came in the same drain is no longer on the NIC: a class
+        // pushed by its tuple would land on whichever flow reopened it.
+        opened.retain(|&i| flows.is_live(i));
         if !opened.is_empty() {
             on_early(pipeline, &mut flows.flows, &opened)?;
         }

@@ -229,3 +229,28 @@ fn the_shipped_model_classifies_real_captures_and_the_nic_agrees() {
     );
     assert!(pushed > 50);
 }
+
+/// `quic-24.pcap` holds one QUIC conversation that ends and reopens on the same ports
+/// within one burst. The class the host gives the first flow must not be pushed down
+/// by its tuple to the second, which the NIC never classified (one packet, short of N).
+#[test]
+fn a_class_is_not_pushed_to_a_flow_that_reopened_its_tuple() {
+    let Some(mut p) = profiler_or_skip() else {
+        return;
+    };
+    let Some(pcap) = capture("quic-24.pcap") else {
+        return;
+    };
+    let tables = profiler::nic_tables(None).expect("built-in trees compile");
+    let c = classify(&pcap, Some(&mut p), Some(tables)).expect("quic-24.pcap");
+    let tuples: Vec<_> = c.flows.iter().map(|f| f.tuple()).collect();
+    assert_eq!(c.flows.len(), 2, "{tuples:?}");
+    assert_eq!(tuples[0], tuples[1], "one tuple, reopened");
+    assert!(c.flows[1].packets < u64::from(c.summary.packets));
+    assert_eq!(
+        c.flows[1].nic_class, None,
+        "the reopened flow was never classified"
+    );
+    assert_eq!(c.summary.nic_classified, 1);
+    assert_eq!(c.summary.nic_agreed, 1);
+}
