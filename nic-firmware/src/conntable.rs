@@ -24,7 +24,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::FlowTuple;
+use crate::{FlowTuple, ipv4_addr};
 
 /// Slots per bucket.
 pub const SLOTS: usize = 8;
@@ -178,7 +178,6 @@ impl FlowKey {
         // big-endian 32-bit values orders keys as `from_tuple` does.
         let (s, d) = (u32::from_be_bytes(src), u32::from_be_bytes(dst));
         let a_to_b = s < d || (s == d && sport <= dport);
-        let wide = |a: [u8; 4]| u128::from(u32::from_le_bytes(a)).to_le_bytes();
         let (addr_a, port_a, addr_b, port_b) = if a_to_b {
             (src, sport, dst, dport)
         } else {
@@ -186,8 +185,8 @@ impl FlowKey {
         };
         (
             FlowKey {
-                addr_a: wide(addr_a),
-                addr_b: wide(addr_b),
+                addr_a: ipv4_addr(addr_a),
+                addr_b: ipv4_addr(addr_b),
                 port_a,
                 port_b,
                 proto,

@@ -20,7 +20,7 @@ pub enum LinkType {
     Unsupported(u32),
 }
 
-use crate::{FlowTuple, Verdict, ipproto};
+use crate::{FlowTuple, Verdict, ipproto, ipv4_addr};
 
 /// What the parser extracts from a packet for the rest of the pipeline.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,11 +93,10 @@ impl FastIpv4 {
     /// The same packet as the general parser reports it.
     #[inline(always)]
     pub fn parsed(&self) -> Parsed {
-        let v4 = |a: [u8; 4]| u128::from(u32::from_le_bytes(a)).to_le_bytes();
         Parsed {
             tuple: FlowTuple {
-                src: v4(self.src),
-                dst: v4(self.dst),
+                src: ipv4_addr(self.src),
+                dst: ipv4_addr(self.dst),
                 sport: self.sport,
                 dport: self.dport,
                 proto: self.proto,
@@ -264,14 +263,13 @@ fn ipv4(d: &[u8], wire: usize) -> Result<Parsed, Verdict> {
     }
     let frag = u16::from_be_bytes([d[6], d[7]]);
     let fragment = frag & 0x3fff != 0; // MF set or a non-zero offset
-    let mut t = FlowTuple {
-        proto: d[9],
-        ..FlowTuple::default()
-    };
-    t.src[..4].copy_from_slice(&d[12..16]);
-    t.dst[..4].copy_from_slice(&d[16..20]);
     let mut p = Parsed {
-        tuple: t,
+        tuple: FlowTuple {
+            src: ipv4_addr([d[12], d[13], d[14], d[15]]),
+            dst: ipv4_addr([d[16], d[17], d[18], d[19]]),
+            proto: d[9],
+            ..FlowTuple::default()
+        },
         tcp_flags: 0,
         ip_len: total as u32,
         fragment,
@@ -405,6 +403,7 @@ fn l4_header(p: &mut Parsed, l4: &[u8], ip_payload: usize) -> Result<(), Verdict
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipv4_addr as v4;
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
 
@@ -419,12 +418,6 @@ mod tests {
         let mut v = std::vec::Vec::new();
         b.write(&mut v, payload).unwrap();
         v
-    }
-
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut o = [0u8; 16];
-        o[..4].copy_from_slice(&a);
-        o
     }
 
     fn whole(link: LinkType, d: &[u8]) -> Result<Parsed, Verdict> {

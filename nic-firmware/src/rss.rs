@@ -286,6 +286,7 @@ impl fmt::Debug for KeyHex<'_> {
 mod tests {
     use super::*;
     use crate::ipproto;
+    use crate::ipv4_addr as v4;
     use alloc::format;
     use alloc::vec::Vec;
     use proptest::prelude::*;
@@ -301,12 +302,6 @@ mod tests {
         addrs_only: u32,
         /// The "with TCP" column.
         with_ports: u32,
-    }
-
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut out = [0; 16];
-        out[..4].copy_from_slice(&a);
-        out
     }
 
     fn v6(groups: [u16; 8]) -> [u8; 16] {
