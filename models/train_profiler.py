@@ -6,7 +6,9 @@ One run, `make model`, does everything from the cached captures to the committed
    through the NIC data plane and writes each flow's first feature record as the
    profiler's input vector — the product's own code, so training and serving agree;
 2. labels: each flow's nDPI category from the capture's nDPI result file, joined by
-   protocol and both endpoints, mapped to the product's classes;
+   protocol and both endpoints, mapped to the product's classes; flows whose label is
+   an application's found inside a carrier protocol (see CARRIERS) are validated on but
+   not trained on;
 3. validation split by capture file (no capture on both sides), for N = 4, 8, 12, 16;
 4. the final model (N = --packets) on every training capture, exported as ONNX (plain
    tensors: `label`, `probabilities`), its trees as NIC tables, its metrics and checksums.
@@ -57,6 +59,17 @@ PROTO_NUMBERS = {"ICMP": 1, "IGMP": 2, "TCP": 6, "UDP": 17, "GRE": 47, "ESP": 50
 # One flow line of an nDPI result file: index, protocol, both endpoints, then fields.
 FLOW_LINE = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+<?->\s+(\S+)\s+\[proto:")
 CATEGORY = re.compile(r"\[cat: ([^/\]]+)/")
+# The carrier of a flow in which nDPI found an application: "TLS" of
+# "[proto: 91.133/TLS.NetFlix]" (a flow of one protocol, "[proto: 7/HTTP]", has none).
+PROTOCOL = re.compile(r"\[proto: [^/\]]*/([^.\]]+)\.")
+# Carrier protocols and the class of their own traffic. nDPI labels a flow with the
+# category of the application it finds inside a carrier: a Netflix capture's DNS lookups
+# and HTTPS to its CDN are `video`, WeChat's HTTPS is `messaging`, a web page's DNS
+# lookups are `web`. A flow's first packets show the carrier (a DNS query, a TLS or HTTP
+# handshake), not the application, so a flow whose class differs from its carrier's is
+# not trained on (the model would learn that a DNS query is `video` in some captures and
+# `infra` in others); validation still counts every flow with nDPI's label.
+CARRIERS = {"DNS": "infra", "TLS": "web", "HTTP": "web", "QUIC": "web"}
 # Model size: bounded so ONNX Runtime classifies over a million flows a second on one core
 # and the NIC tables stay small. ONNX Runtime's cost grows with trees x depth; each round
 # is one tree that scores all seven classes (scikit-learn's boosting grows one tree per
@@ -89,7 +102,8 @@ def endpoint(text):
 
 
 def labels(result_file):
-    """Flow key -> class name for every flow of one nDPI result file."""
+    """Flow key -> (class name, whether to train on it: not when the class is that of an
+    application inside a carrier, see CARRIERS) for every flow of one nDPI result file."""
     out = {}
     with open(result_file, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -106,7 +120,10 @@ def labels(result_file):
             except ValueError:
                 continue
             cat = CATEGORY.search(line)
-            out[(proto, frozenset([a, b]))] = CATEGORY_CLASS.get(cat.group(1) if cat else "", "other")
+            cls = CATEGORY_CLASS.get(cat.group(1) if cat else "", "other")
+            carrier = PROTOCOL.search(line)
+            trainable = carrier is None or CARRIERS.get(carrier.group(1), cls) == cls
+            out[(proto, frozenset([a, b]))] = (cls, trainable)
     return out
 
 
@@ -125,8 +142,9 @@ def extract(flowshard, pcap, packets, out_csv):
 
 
 def dataset(flowshard, data, captures, packets, tmp):
-    """X, y, capture index per flow; and the feature names from the CSV header."""
-    xs, ys, groups, names = [], [], [], None
+    """X, y, capture index, whether to train on it (see CARRIERS) per flow; and the
+    feature names from the CSV header."""
+    xs, ys, groups, trainable, names = [], [], [], [], None
     unlabelled = 0
     for g, name in enumerate(captures):
         truth = labels(os.path.join(data, "ndpi", "result", name + ".out"))
@@ -137,16 +155,19 @@ def dataset(flowshard, data, captures, packets, tmp):
                 names = [k for k in r if k not in ("client", "server", "packets")]
             key = (int(r["proto"]), frozenset([(r["client"], int(r["client_port"])),
                                                (r["server"], int(r["server_port"]))]))
-            cls = truth.get(key)
-            if cls is None:
+            label = truth.get(key)
+            if label is None:
                 unlabelled += 1
                 continue
             xs.append([int(r[n]) for n in names])
-            ys.append(CLASSES.index(cls))
+            ys.append(CLASSES.index(label[0]))
             groups.append(g)
+            trainable.append(label[1])
     print(f"N={packets}: {len(ys)} labelled flows from {len(captures)} captures "
-          f"({unlabelled} flows without an nDPI line)", file=sys.stderr)
-    return np.array(xs, dtype=np.float32), np.array(ys), np.array(groups), names
+          f"({unlabelled} flows without an nDPI line, {trainable.count(False)} labelled by "
+          f"an application inside a carrier)", file=sys.stderr)
+    return (np.array(xs, dtype=np.float32), np.array(ys), np.array(groups),
+            np.array(trainable), names)
 
 
 # Well-known service ports by kind: the Rust side's PORT_GROUPS (nic_firmware::profile),
@@ -292,19 +313,21 @@ class SoftmaxBoost:
         return raw.argmax(1)
 
 
-def fit(X, y, groups):
-    """The shipped model's training, the same for validation folds and the final model."""
+def fit(X, y, groups, trainable):
+    """The shipped model's training, the same for validation folds and the final model:
+    on the flows whose label their carrier can show (see CARRIERS)."""
+    X, y, groups = X[trainable], y[trainable], groups[trainable]
     return SoftmaxBoost(**BOOSTING).fit(X, y, sample_weight=weights(y, groups))
 
 
-def validate(X, y, groups, folds, seed=None):
+def validate(X, y, groups, trainable, folds, seed=None):
     """Predictions for every flow from a model that never saw its capture (captures
     dealt to folds by size, or shuffled with `seed`)."""
     pred = np.zeros_like(y)
     split = (GroupKFold(n_splits=folds) if seed is None
              else GroupKFold(n_splits=folds, shuffle=True, random_state=seed))
     for train, test in split.split(X, y, groups):
-        pred[test] = fit(X[train], y[train], groups[train]).predict(X[test])
+        pred[test] = fit(X[train], y[train], groups[train], trainable[train]).predict(X[test])
     return pred
 
 
@@ -469,21 +492,22 @@ def main():
     with open(args.captures) as f:
         captures = [l.strip() for l in f if l.strip()]
     metrics = {"validation": {}, "classes": CLASSES, "boosting": BOOSTING,
-               "capture_weight_power": CAPTURE_WEIGHT_POWER}
+               "capture_weight_power": CAPTURE_WEIGHT_POWER, "carriers": CARRIERS}
     with tempfile.TemporaryDirectory() as tmp:
         final = None
         for n in sorted(set(VALIDATION_PACKETS + [args.packets])):
-            X, y, groups, names = dataset(args.flowshard, args.data, captures, n, tmp)
+            X, y, groups, trainable, names = dataset(args.flowshard, args.data, captures, n,
+                                                     tmp)
             check_derived(X, names)
-            pred = validate(X, y, groups, args.folds)
+            pred = validate(X, y, groups, trainable, args.folds)
             r = report(y, pred)
             metrics["validation"][str(n)] = r
             print(f"N={n}: by-capture {args.folds}-fold macro-F1 {r['macro_f1']:.3f}, "
                   f"accuracy {r['accuracy']:.3f}", file=sys.stderr)
             if n == args.packets:
-                final = (X, y, groups, names)
+                final = (X, y, groups, trainable, names)
                 r["captures_with_most_errors"] = capture_errors(y, pred, groups, captures)
-                shuffled = [report(y, validate(X, y, groups, args.folds, seed))
+                shuffled = [report(y, validate(X, y, groups, trainable, args.folds, seed))
                             for seed in ROBUSTNESS_SEEDS]
                 f1s = [s["macro_f1"] for s in shuffled]
                 accs = [s["accuracy"] for s in shuffled]
@@ -491,13 +515,14 @@ def main():
                                         "accuracy": accs}
                 print(f"N={n}: shuffled by-capture splits: macro-F1 {np.mean(f1s):.3f} "
                       f"± {np.std(f1s):.3f}, accuracy {np.mean(accs):.3f}", file=sys.stderr)
-    X, y, groups, names = final
+    X, y, groups, trainable, names = final
     metrics["training"] = {
         "captures": len(set(groups.tolist())),
         "flows": int(len(y)),
+        "flows_not_trained_on": int((~trainable).sum()),
         "flows_per_class": {CLASSES[k]: v for k, v in sorted(Counter(y.tolist()).items())},
     }
-    model = fit(X, y, groups)
+    model = fit(X, y, groups, trainable)
     trees, baseline = boosted_trees(model, len(names))
     os.makedirs(args.out, exist_ok=True)
     onnx_path = os.path.join(args.out, "profiler.onnx")

@@ -6,7 +6,9 @@
 //!    arrivals, lognormal lifetimes); each flow's rate, size and protocol come from a
 //!    flow of the real captures. Every live flow sends one packet through the NIC per
 //!    tick (its first one when it starts, an RST when it ends), so the NIC's connection
-//!    table and steering decide every flow's node, packet by packet.
+//!    table and steering decide every flow's node, packet by packet; a flow of a
+//!    sharded class sends one per member of its group, each for an equal share of its
+//!    load, as its many flowlets in a tick would spread it.
 //! 2. **nodes** — each node serves what its flows offer up to its capacity, queues the
 //!    rest up to `queue_s` of work and drops beyond; a packet's queueing delay is the
 //!    drain time of the backlog it meets (which grows or drains linearly over the
@@ -22,7 +24,9 @@
 //! traffic, so the policies meet identical flows and a run repeats exactly.
 //!
 //! Model limits, stated: a packet per flow per tick stands for the flow's rate
-//! (counters on the NIC count the packets it saw, the nodes count the load); node
+//! (counters on the NIC count the packets it saw, the nodes count the load), and a
+//! sharded flow's load splits evenly over its group, as it does once it has many
+//! flowlets per tick (one that sends a single burst a tick would not spread); node
 //! warm-up is a delay with no partial service; the forecaster's starting history is
 //! the load curve itself before the window (what an agent running for weeks would
 //! have measured), without per-flow noise.
@@ -1153,6 +1157,47 @@ fn hand_off(
     }
     Ok(accepted)
 }
+/// One packet of a tick: time (ns), index of its flow, TCP flags, and how many packets
+/// share the flow's load this tick.
+type TickPacket = (u64, usize, u8, u8);
+
+/// The tick's packets in time order. One packet per live flow: SYN when it starts, RST
+/// when it ends, else an ACK. A classified flow of a sharded class (a group of more
+/// than one) sends one per member of its group instead, evenly spread over its part of
+/// the tick, each carrying an equal share of its load: a real flow has many flowlets in
+/// a tick, which the NIC deals out to the members in turn, so its load splits over them
+/// rather than hopping whole from one member to the next tick by tick.
+fn schedule_packets(
+    flows: &[SimFlow],
+    groups: &[u8],
+    start_s: f64,
+    dt: f64,
+    order: &mut Vec<TickPacket>,
+) {
+    order.clear();
+    for (i, f) in flows.iter().enumerate() {
+        if f.node.is_none() {
+            order.push(((f.start_s * 1e9) as u64, i, 0x02, 1));
+            continue;
+        }
+        let parts = groups.get(f.class as usize).copied().unwrap_or(1).max(1);
+        let k = f64::from(parts);
+        for j in 0..parts {
+            let last = j + 1 == parts;
+            let j = f64::from(j);
+            let (at, flags) = if f.end_s < start_s + dt {
+                let at = start_s + (f.end_s - start_s) * (j + 1.0) / k;
+                (at, if last { 0x14 } else { 0x10 })
+            } else {
+                // A fixed offset per flow, so its packets are a tick apart.
+                let offset = (f.id.wrapping_mul(0x9E37_79B9) % 1000) as f64 / 1000.0;
+                (start_s + (offset + j / k).fract() * dt, 0x10)
+            };
+            order.push(((at * 1e9) as u64, i, flags, parts));
+        }
+    }
+    order.sort_unstable();
+}
 
 /// Run one policy over the scenario.
 fn run_policy(
@@ -1210,7 +1255,7 @@ fn run_policy(
     let mut trace = Vec::with_capacity(run);
     let mut flash: Vec<(usize, f64, f64, f64)> = Vec::new();
     let mut frames: Vec<[u8; FRAME_LEN]> = Vec::new();
-    let mut order: Vec<(u64, usize, u8)> = Vec::new();
+    let mut order: Vec<TickPacket> = Vec::new();
     let mut decisions: Vec<Decision> = Vec::new();
     let mut node_load = vec![0.0; count];
     let mut node_flows = vec![0u64; count];
@@ -1266,26 +1311,10 @@ fn run_policy(
             report.flows += arrivals.len() as u64;
         }
         flows.extend(arrivals);
-        // One packet per live flow: SYN when it starts, RST when it ends, else an ACK.
-        order.clear();
-        for (i, f) in flows.iter().enumerate() {
-            let (at, flags) = if f.node.is_none() {
-                (f.start_s, 0x02)
-            } else if f.end_s < start_s + dt {
-                (f.end_s, 0x14)
-            } else {
-                // A fixed offset per flow, so its packets are a tick apart.
-                (
-                    start_s + (f.id.wrapping_mul(0x9E37_79B9) % 1000) as f64 * dt / 1000.0,
-                    0x10,
-                )
-            };
-            order.push(((at * 1e9) as u64, i, flags));
-        }
-        order.sort_unstable();
+        schedule_packets(&flows, planner.groups(), start_s, dt, &mut order);
         frames.clear();
         frames.resize(order.len(), [0u8; FRAME_LEN]);
-        for (k, (_, i, flags)) in order.iter().enumerate() {
+        for (k, (_, i, flags, _)) in order.iter().enumerate() {
             flows[*i].frame(*flags, &mut frames[k]);
         }
         decisions.clear();
@@ -1293,7 +1322,7 @@ fn run_policy(
             let pkts: Vec<Packet<'_>> = order
                 .iter()
                 .zip(&frames)
-                .map(|((ts, _, _), d)| Packet {
+                .map(|((ts, _, _, _), d)| Packet {
                     ts_ns: *ts,
                     data: d,
                     wire_len: WIRE_LEN,
@@ -1312,10 +1341,10 @@ fn run_policy(
         let mut dropped = 0.0;
         let mut offered = 0.0;
         let groups = planner.groups();
-        for ((_, i, _), d) in order.iter().zip(&decisions) {
+        for ((_, i, _, parts), d) in order.iter().zip(&decisions) {
             let f = &mut flows[*i];
             let overlap = (f.end_s.min(start_s + dt) - f.start_s.max(start_s)).max(0.0);
-            let pkts = f.pps * overlap;
+            let pkts = f.pps * overlap / f64::from(*parts);
             offered += pkts;
             class_load[f.class as usize] += pkts / dt;
             if d.verdict != Verdict::Forward {
@@ -2117,5 +2146,57 @@ mod tests {
         let p99 = h.quantile_ms(0.99);
         assert!((10.0..12.0).contains(&p99), "{p99}");
         assert!(h.quantile_ms(0.999) >= 1000.0);
+    }
+
+    #[test]
+    fn a_sharded_flow_sends_one_packet_per_group_member_each_for_its_share() {
+        let flow = |id: u64, class: Class, start_s: f64, end_s: f64, seen: bool| SimFlow {
+            id,
+            class,
+            proto: ipproto::TCP,
+            server_port: 443,
+            template: 0,
+            pps: 100.0,
+            start_s,
+            end_s,
+            node: seen.then_some(0),
+            shard: 0,
+            hand_off_to: None,
+        };
+        let (start_s, dt) = (6000.0, 600.0);
+        let flows = [
+            flow(1, Class::Video, 5000.0, 9000.0, true),
+            flow(2, Class::Video, 5000.0, 6300.0, true),
+            flow(3, Class::Web, 5000.0, 9000.0, true),
+            flow(4, Class::Video, 6100.0, 9000.0, false),
+        ];
+        let mut groups = [1u8; Class::COUNT];
+        groups[Class::Video as usize] = 4;
+        let mut order = Vec::new();
+        schedule_packets(&flows, &groups, start_s, dt, &mut order);
+        let of =
+            |i: usize| -> Vec<TickPacket> { order.iter().copied().filter(|p| p.1 == i).collect() };
+        assert!(order.windows(2).all(|w| w[0].0 <= w[1].0), "time order");
+        let gap_ns = u64::from(PipelineConfig::default().flowlet_gap_us) * 1000;
+        let tick = (start_s * 1e9) as u64..((start_s + dt) * 1e9) as u64;
+        // Established, sharded: four ACKs in the tick, flowlets apart, a quarter each.
+        let p = of(0);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(
+            p.iter().all(|&(at, _, flags, parts)| {
+                tick.contains(&at) && flags == 0x10 && parts == 4
+            })
+        );
+        assert!(p.windows(2).all(|w| w[1].0 - w[0].0 > gap_ns), "{p:?}");
+        // Ending in the tick: its last packet is the RST at its end, the rest before.
+        let p = of(1);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert_eq!(p[3].0, (6300.0 * 1e9) as u64);
+        assert_eq!(p[3].2, 0x14);
+        assert!(p[..3].iter().all(|q| q.2 == 0x10 && q.0 >= tick.start));
+        // Not sharded: one packet for all its load.
+        assert_eq!(of(2).iter().map(|q| q.3).collect::<Vec<_>>(), [1]);
+        // New: its SYN alone, unclassified until the profiler's verdict.
+        assert_eq!(of(3), [((6100.0 * 1e9) as u64, 3, 0x02, 1)]);
     }
 }
