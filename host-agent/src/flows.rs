@@ -11,15 +11,11 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use hdl_bindings::telemetry::{FeatureRecord, FlowId, RecordKind};
-use hw_sim::capture::{CaptureError, CaptureReader};
-use nic_firmware::pipeline::Packet;
+use hw_sim::capture::{Burst, CaptureError, CaptureReader};
 use nic_firmware::profile::{ClassifierTables, FEATURE_NAMES, features};
-use nic_firmware::{FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
+use nic_firmware::{FlowTuple, Pipeline, PipelineConfig, ipproto};
 
 use crate::Error;
-
-/// Packets handed to the data plane at once.
-const BURST: usize = 32;
 
 /// One flow of a capture.
 #[derive(Clone, Debug)]
@@ -145,66 +141,43 @@ pub fn collect(
         .load_classifier(tables)
         .map_err(|e| Error::Usage(e.to_string()))?;
     let mut flows = Collector::default();
-    let mut data: Vec<u8> = Vec::with_capacity(BURST * 2048);
-    let mut meta: Vec<(u64, usize, usize, u32)> = Vec::with_capacity(BURST);
-    let mut link = LinkType::Ethernet;
-    let mut decisions = Vec::with_capacity(BURST);
+    let mut burst = Burst::default();
+    let mut decisions = Vec::with_capacity(Burst::LEN);
     let mut opened = Vec::new();
-    let mut run = |pipeline: &mut Pipeline,
-                   data: &mut Vec<u8>,
-                   meta: &mut Vec<(u64, usize, usize, u32)>,
-                   link: LinkType,
-                   flows: &mut Collector|
-     -> Result<(), Error> {
-        let pkts: Vec<Packet> = meta
-            .iter()
-            .map(|&(ts_ns, start, len, wire_len)| Packet {
-                ts_ns,
-                data: &data[start..start + len],
-                wire_len,
-            })
-            .collect();
-        decisions.clear();
-        pipeline.process_burst(link, &pkts, &mut decisions);
-        opened.clear();
-        let records: Vec<FeatureRecord> = pipeline.drain_records().collect();
-        for r in records {
-            if let Some(i) = flows.take(r)
-                && r.kind == RecordKind::Early
-            {
-                opened.push(i);
+    let mut run =
+        |pipeline: &mut Pipeline, burst: &mut Burst, flows: &mut Collector| -> Result<(), Error> {
+            decisions.clear();
+            pipeline.process_burst(burst.link(), &burst.packets(), &mut decisions);
+            opened.clear();
+            let records: Vec<FeatureRecord> = pipeline.drain_records().collect();
+            for r in records {
+                if let Some(i) = flows.take(r)
+                    && r.kind == RecordKind::Early
+                {
+                    opened.push(i);
+                }
             }
-        }
-        // A flow whose end came in the same drain is no longer on the NIC: a class
-        // pushed by its tuple would land on whichever flow reopened it.
-        opened.retain(|&i| flows.is_live(i));
-        if !opened.is_empty() {
-            on_early(pipeline, &mut flows.flows, &opened)?;
-        }
-        data.clear();
-        meta.clear();
-        Ok(())
-    };
+            // A flow whose end came in the same drain is no longer on the NIC: a class
+            // pushed by its tuple would land on whichever flow reopened it.
+            opened.retain(|&i| flows.is_live(i));
+            if !opened.is_empty() {
+                on_early(pipeline, &mut flows.flows, &opened)?;
+            }
+            burst.clear();
+            Ok(())
+        };
     let capture_error = loop {
         let pkt = match reader.next_packet() {
             Ok(Some(p)) => p,
             Ok(None) => break None,
             Err(e) => break Some(e),
         };
-        if pkt.link != link || meta.len() == BURST {
-            run(&mut pipeline, &mut data, &mut meta, link, &mut flows)?;
-            link = pkt.link;
+        if burst.is_full_for(pkt.link) {
+            run(&mut pipeline, &mut burst, &mut flows)?;
         }
-        let start = data.len();
-        data.extend_from_slice(pkt.data);
-        meta.push((
-            pkt.ts_ns,
-            start,
-            pkt.data.len(),
-            pkt.wire_len.max(pkt.data.len() as u32),
-        ));
+        burst.push(&pkt, pkt.ts_ns);
     };
-    run(&mut pipeline, &mut data, &mut meta, link, &mut flows)?;
+    run(&mut pipeline, &mut burst, &mut flows)?;
     pipeline.flush();
     for r in pipeline.drain_records().collect::<Vec<_>>() {
         flows.take(r);

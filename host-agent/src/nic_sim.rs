@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hw_sim::capture::{CaptureReader, PcapWriter, link_type};
+use hw_sim::capture::{Burst, CaptureReader, PcapWriter, link_type};
 use hw_sim::device::{DeviceOptions, NicDevice};
 use hw_sim::flash_store::FileFlash;
 use hw_sim::generate::{FrameWindow, Popularity, WIRE_LEN};
@@ -28,9 +28,6 @@ use serde::Serialize;
 use crate::Error;
 use crate::nic_cmd::{json_line, read_file, trusted_key};
 use crate::replay::{DECISIONS_HEADER, write_row};
-
-/// Packets handed to the device at once.
-const BURST: usize = 32;
 
 /// How fast a capture is replayed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -248,7 +245,7 @@ pub fn run_traffic(
     let mut f = Feeder {
         dev,
         out: Outputs::new(opts)?,
-        decisions: Vec::with_capacity(BURST),
+        decisions: Vec::with_capacity(Burst::LEN),
         packets: 0,
         forwarded: 0,
     };
@@ -309,24 +306,12 @@ fn replay(
     let mut shift = 0u64;
     let mut first: Option<u64> = None;
     let mut round = 0;
-    let mut data: Vec<u8> = Vec::with_capacity(BURST * 2048);
-    let mut meta: Vec<(u64, usize, usize, u32)> = Vec::with_capacity(BURST);
-    let mut link = LinkType::Ethernet;
-    let flush =
-        |f: &mut Feeder<'_>, link, data: &mut Vec<u8>, meta: &mut Vec<(u64, usize, usize, u32)>| {
-            let pkts: Vec<Packet<'_>> = meta
-                .iter()
-                .map(|&(ts_ns, at, len, wire_len)| Packet {
-                    ts_ns,
-                    data: &data[at..at + len],
-                    wire_len,
-                })
-                .collect();
-            let r = f.burst(link, &pkts);
-            data.clear();
-            meta.clear();
-            r
-        };
+    let mut burst = Burst::default();
+    let flush = |f: &mut Feeder<'_>, burst: &mut Burst| {
+        let r = f.burst(burst.link(), &burst.packets());
+        burst.clear();
+        r
+    };
     while (loops == 0 || round < loops) && !stop.load(Ordering::Relaxed) {
         let mut reader = CaptureReader::open(path)?;
         let mut last = 0u64;
@@ -338,22 +323,19 @@ fn replay(
                 let due = Duration::from_secs_f64(ts.saturating_sub(base) as f64 / 1e9 / speed);
                 let now = start.elapsed();
                 if due > now {
-                    flush(f, link, &mut data, &mut meta)?;
+                    flush(f, &mut burst)?;
                     std::thread::sleep(due - now);
                 }
             }
-            if p.link != link || meta.len() == BURST {
-                flush(f, link, &mut data, &mut meta)?;
-                link = p.link;
+            if burst.is_full_for(p.link) {
+                flush(f, &mut burst)?;
             }
-            let at = data.len();
-            data.extend_from_slice(p.data);
-            meta.push((ts, at, p.data.len(), p.wire_len.max(p.data.len() as u32)));
+            burst.push(&p, ts);
             if stop.load(Ordering::Relaxed) {
                 break;
             }
         }
-        flush(f, link, &mut data, &mut meta)?;
+        flush(f, &mut burst)?;
         round += 1;
         let Some(base) = first else {
             break; // an empty capture: nothing to loop
@@ -438,7 +420,7 @@ fn generate(
     let mut sent = 0u64;
     let mut i = 0usize;
     while sent < packets && !stop.load(Ordering::Relaxed) {
-        let n = BURST.min((packets - sent) as usize);
+        let n = Burst::LEN.min((packets - sent) as usize);
         let pkts: Vec<Packet<'_>> = (0..n)
             .map(|k| Packet {
                 ts_ns: (sent + k as u64) * gap,

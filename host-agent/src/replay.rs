@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use hdl_bindings::telemetry::ip_addr;
-use hw_sim::capture::{CaptureError, CaptureFormat, CaptureReader};
+use hw_sim::capture::{Burst, CaptureError, CaptureFormat, CaptureReader};
 use nic_firmware::parse::parse;
 use nic_firmware::pipeline::{Decision, Packet};
 use nic_firmware::{LinkType, Pipeline, PipelineConfig, Verdict};
@@ -19,9 +19,6 @@ use crate::flows::proto_name;
 /// Header of the decision log, one row per packet.
 pub const DECISIONS_HEADER: &str =
     "index,ts_ns,proto,src,sport,dst,dport,rss_hash,bucket,shard,node,flowlet,verdict";
-
-/// Packets are copied out of the reader and handed to the data plane in bursts.
-const REPLAY_BURST: usize = 32;
 
 /// One node's share of the replay.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -132,33 +129,24 @@ struct Replayer {
     first_ts: Option<u64>,
     last_ts: u64,
     link_types: std::collections::HashMap<LinkType, u64>,
-    burst_data: Vec<u8>,
-    burst_meta: Vec<(u64, usize, usize, u32)>,
-    burst_link: LinkType,
+    burst: Burst,
     decisions: Vec<Decision>,
 }
 
 impl Replayer {
     fn flush(&mut self) -> Result<(), Error> {
-        if self.burst_meta.is_empty() {
+        if self.burst.is_empty() {
             return Ok(());
         }
-        let pkts: Vec<Packet> = self
-            .burst_meta
-            .iter()
-            .map(|&(ts_ns, start, len, wire_len)| Packet {
-                ts_ns,
-                data: &self.burst_data[start..start + len],
-                wire_len,
-            })
-            .collect();
+        let link = self.burst.link();
+        let pkts = self.burst.packets();
         self.decisions.clear();
         self.pipeline
-            .process_burst(self.burst_link, &pkts, &mut self.decisions);
+            .process_burst(link, &pkts, &mut self.decisions);
         if let Some((w, path)) = &mut self.log {
             self.row.clear();
             for (d, p) in self.decisions.iter().zip(&pkts) {
-                write_row(&mut self.row, self.index, self.burst_link, p, d);
+                write_row(&mut self.row, self.index, link, p, d);
                 self.index += 1;
             }
             w.write_all(self.row.as_bytes())
@@ -168,8 +156,7 @@ impl Replayer {
                 })?;
         }
         self.pipeline.drain_records().for_each(drop);
-        self.burst_meta.clear();
-        self.burst_data.clear();
+        self.burst.clear();
         Ok(())
     }
 }
@@ -208,10 +195,8 @@ pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureErro
         first_ts: None,
         last_ts: 0,
         link_types: std::collections::HashMap::new(),
-        burst_data: Vec::with_capacity(REPLAY_BURST * 2048),
-        burst_meta: Vec::with_capacity(REPLAY_BURST),
-        burst_link: LinkType::Ethernet,
-        decisions: Vec::with_capacity(REPLAY_BURST),
+        burst: Burst::default(),
+        decisions: Vec::with_capacity(Burst::LEN),
     };
     let mut packets = 0u64;
     let capture_error = loop {
@@ -225,15 +210,10 @@ pub fn replay(opts: &ReplayOptions) -> Result<(ReplaySummary, Option<CaptureErro
         r.first_ts.get_or_insert(pkt.ts_ns);
         r.last_ts = r.last_ts.max(pkt.ts_ns);
         *r.link_types.entry(pkt.link).or_default() += 1;
-        if pkt.link != r.burst_link || r.burst_meta.len() == REPLAY_BURST {
+        if r.burst.is_full_for(pkt.link) {
             r.flush()?;
-            r.burst_link = pkt.link;
         }
-        let start = r.burst_data.len();
-        r.burst_data.extend_from_slice(pkt.data);
-        let wire_len = pkt.wire_len.max(pkt.data.len() as u32);
-        r.burst_meta
-            .push((pkt.ts_ns, start, pkt.data.len(), wire_len));
+        r.burst.push(&pkt, pkt.ts_ns);
     };
     r.flush()?;
     if let Some((w, path)) = &mut r.log {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nic_firmware::LinkType;
+use nic_firmware::pipeline::Packet;
 use pcap_parser::nom::{self, IResult};
 use pcap_parser::pcapng::{
     Block, EnhancedPacketBlock, InterfaceDescriptionBlock, OptionCode, SectionHeaderBlock,
@@ -116,6 +117,74 @@ impl<W: std::io::Write> PcapWriter<W> {
 
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// Captured packets gathered for one call of the data plane's burst API: copied out of
+/// the reader's buffer (which the next read reuses), all of one link type.
+#[derive(Debug)]
+pub struct Burst {
+    data: Vec<u8>,
+    /// Per packet: timestamp, offset and length in `data`, wire length.
+    meta: Vec<(u64, usize, usize, u32)>,
+    link: LinkType,
+}
+
+impl Default for Burst {
+    fn default() -> Burst {
+        Burst {
+            data: Vec::with_capacity(Burst::LEN * 2048),
+            meta: Vec::with_capacity(Burst::LEN),
+            link: LinkType::Ethernet,
+        }
+    }
+}
+
+impl Burst {
+    /// Packets per burst.
+    pub const LEN: usize = 32;
+
+    /// Whether a packet of `link` has to wait until this burst is processed: the
+    /// burst is full, or holds packets of another link type.
+    pub fn is_full_for(&self, link: LinkType) -> bool {
+        !self.meta.is_empty() && (link != self.link || self.meta.len() == Burst::LEN)
+    }
+
+    /// Copy `p` in, stamped `ts_ns` (a replay may shift capture time); a wire length
+    /// shorter than the captured bytes is raised to them.
+    pub fn push(&mut self, p: &CapturedPacket<'_>, ts_ns: u64) {
+        if self.meta.is_empty() {
+            self.link = p.link;
+        }
+        let at = self.data.len();
+        self.data.extend_from_slice(p.data);
+        let len = p.data.len();
+        self.meta.push((ts_ns, at, len, p.wire_len.max(len as u32)));
+    }
+
+    pub fn link(&self) -> LinkType {
+        self.link
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// The packets, as the pipeline takes them.
+    pub fn packets(&self) -> Vec<Packet<'_>> {
+        self.meta
+            .iter()
+            .map(|&(ts_ns, at, len, wire_len)| Packet {
+                ts_ns,
+                data: &self.data[at..at + len],
+                wire_len,
+            })
+            .collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.meta.clear();
     }
 }
 
@@ -946,6 +1015,43 @@ impl Read for Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_holds_one_link_type_and_at_most_its_length() {
+        let pkt = |link, data: &'static [u8], wire_len| CapturedPacket {
+            ts_ns: 7,
+            link,
+            data,
+            wire_len,
+            offset: 0,
+        };
+        let mut b = Burst::default();
+        assert!(b.is_empty() && !b.is_full_for(LinkType::RawIp));
+        b.push(&pkt(LinkType::RawIp, b"abc", 60), 100);
+        b.push(&pkt(LinkType::RawIp, b"defgh", 2), 101);
+        assert_eq!(b.link(), LinkType::RawIp);
+        assert!(b.is_full_for(LinkType::Ethernet), "another link type waits");
+        let got: Vec<(u64, &[u8], u32)> = b
+            .packets()
+            .iter()
+            .map(|p| (p.ts_ns, p.data, p.wire_len))
+            .collect();
+        let want: [(u64, &[u8], u32); 2] = [(100, b"abc", 60), (101, b"defgh", 5)];
+        assert_eq!(got, want, "stamps as given, wire length at least the bytes");
+        for _ in 2..Burst::LEN {
+            assert!(!b.is_full_for(LinkType::RawIp));
+            b.push(&pkt(LinkType::RawIp, b"x", 1), 102);
+        }
+        assert!(b.is_full_for(LinkType::RawIp));
+        b.clear();
+        assert!(b.is_empty() && b.packets().is_empty());
+        b.push(&pkt(LinkType::Ethernet, b"y", 1), 103);
+        assert_eq!(
+            b.link(),
+            LinkType::Ethernet,
+            "an empty burst takes the next link"
+        );
+    }
 
     #[test]
     fn link_type_numbers() {

@@ -27,9 +27,9 @@ use hdl_bindings::ring::{
 };
 use hdl_bindings::telemetry::FEATURE_RECORD_LEN;
 use hdl_bindings::{IRQ_CMD, IRQ_TELEMETRY, IRQ_VECTORS, PCI_DEVICE_ID, PCI_VENDOR_ID};
-use nic_firmware::pipeline::{Decision, FlowCounters, Packet};
+use nic_firmware::pipeline::{Decision, FlowCounters, Packet, PinRefused};
 use nic_firmware::profile::ClassifierTables;
-use nic_firmware::{Class, FlowTuple, LinkType, NodeState, Pipeline, PipelineConfig, ipproto};
+use nic_firmware::{Class, FlowTuple, LinkType, Pipeline, PipelineConfig, ipproto};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -73,7 +73,7 @@ pub struct FlashState {
     pub pending: Option<usize>,
 }
 
-fn storage_error(e: &std::io::Error) -> ImageError {
+fn storage_error(e: std::io::Error) -> ImageError {
     ImageError::Storage {
         errno: e.raw_os_error().unwrap_or(0) as u32,
     }
@@ -611,12 +611,11 @@ impl NicDevice {
         if self.pending == Some(t) {
             self.pending = None;
             if let Some(s) = self.store.as_mut() {
-                s.write_boot(self.active, None)
-                    .map_err(|e| storage_error(&e))?;
+                s.write_boot(self.active, None).map_err(storage_error)?;
             }
         }
         if let Some(s) = self.store.as_mut() {
-            s.erase_slot(t).map_err(|e| storage_error(&e))?;
+            s.erase_slot(t).map_err(storage_error)?;
         }
         Ok(())
     }
@@ -661,9 +660,8 @@ impl NicDevice {
         };
         let info = image::verify(&buf, Some(&self.opts.trusted_key))?;
         if let Some(s) = self.store.as_mut() {
-            s.write_slot(t, &buf).map_err(|e| storage_error(&e))?;
-            s.write_boot(self.active, Some(t))
-                .map_err(|e| storage_error(&e))?;
+            s.write_slot(t, &buf).map_err(storage_error)?;
+            s.write_boot(self.active, Some(t)).map_err(storage_error)?;
         }
         self.slots[t] = Slot::Valid {
             image: buf,
@@ -679,8 +677,8 @@ impl NicDevice {
     pub fn preload(&mut self, img: Vec<u8>) -> Result<(), ImageError> {
         let info = image::verify(&img, Some(&self.opts.trusted_key))?;
         if let Some(s) = self.store.as_mut() {
-            s.write_slot(0, &img).map_err(|e| storage_error(&e))?;
-            s.write_boot(0, Some(0)).map_err(|e| storage_error(&e))?;
+            s.write_slot(0, &img).map_err(storage_error)?;
+            s.write_boot(0, Some(0)).map_err(storage_error)?;
         }
         self.slots[0] = Slot::Valid {
             image: img,
@@ -1183,12 +1181,11 @@ fn apply_flows(p: &mut Pipeline, op: Opcode, flows: &[(FlowTuple, u16)]) -> Vec<
             (Opcode::HandOffFlows, NO_FLOW_NODE) => done(p.cancel_hand_off(t)),
             (Opcode::HandOffFlows, node) => done(p.hand_off(t, node)),
             (Opcode::PinFlows, NO_FLOW_NODE) => done(p.unpin_flow(t)),
-            (Opcode::PinFlows, node) if p.node_state(node) != Some(NodeState::Active) => {
-                // Counted as a refused pin, like any pin onto a node that is not active.
-                p.pin_flow(t, node);
-                FlowResult::NodeNotActive
-            }
-            (Opcode::PinFlows, node) => done(p.pin_flow(t, node)),
+            (Opcode::PinFlows, node) => match p.pin_flow(t, node) {
+                Ok(()) => FlowResult::Applied,
+                Err(PinRefused::NoSuchFlow) => FlowResult::NoSuchFlow,
+                Err(PinRefused::NodeNotActive) => FlowResult::NodeNotActive,
+            },
             (_, class) => match Class::from_index(class as u8) {
                 Some(c) => done(p.set_flow_class(t, c)),
                 None => FlowResult::NotApplied,

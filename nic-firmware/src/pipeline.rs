@@ -52,14 +52,26 @@ use crate::{Class, FlowTuple, Verdict, ipproto};
 pub const BURST: usize = 20;
 /// Ageing visits every bucket of the connection table once per sweep period of NIC
 /// time: half the shortest timeout, so a flow ends at most 1.5 timeouts after its last
-/// packet, within these bounds (a sweep is the table's whole memory; once a second is
-/// cheap at line rate, but not when days of NIC time pass in a simulation).
-const SWEEP_PERIOD_NS: (u64, u64) = (1_000_000_000, 60_000_000_000);
+/// packet, held between this and [`MAX_SWEEP_PERIOD_NS`] (a sweep is the table's whole
+/// memory; once a second is cheap at line rate, but not when days of NIC time pass in
+/// a simulation).
+const MIN_SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// Longest sweep period: see [`MIN_SWEEP_PERIOD_NS`].
+const MAX_SWEEP_PERIOD_NS: u64 = 60_000_000_000;
 /// Entries of the fallback table used when a bucket's node takes no new flows.
 const FALLBACK_ENTRIES: usize = 256;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+
+/// Why [`Pipeline::pin_flow`] refused a pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinRefused {
+    /// The connection table does not hold the flow.
+    NoSuchFlow,
+    /// The node is undefined or not `active`: it takes no flows.
+    NodeNotActive,
+}
 
 /// One packet offered to the NIC.
 #[derive(Clone, Copy, Debug)]
@@ -233,7 +245,7 @@ pub struct Pipeline {
     work: Vec<Work>,
     sweep_cursor: u32,
     sweep_debt_ns: u64,
-    /// NIC time per bucket of sweep, so the table is swept once per `SWEEP_PERIOD_NS`.
+    /// NIC time per bucket of sweep, so the table is swept once per sweep period.
     ns_per_bucket: u64,
 }
 
@@ -338,7 +350,8 @@ impl Pipeline {
             .into_iter()
             .min()
             .unwrap_or(0);
-        let period = (u64::from(shortest_ms) * 500_000).clamp(SWEEP_PERIOD_NS.0, SWEEP_PERIOD_NS.1);
+        let period =
+            (u64::from(shortest_ms) * 500_000).clamp(MIN_SWEEP_PERIOD_NS, MAX_SWEEP_PERIOD_NS);
         let ns_per_bucket = (period / u64::from(table.buckets())).max(1);
         let mut p = Pipeline {
             rss: Toeplitz::new(&config.rss_key, config.symmetric_rss),
@@ -592,15 +605,19 @@ impl Pipeline {
     /// Move a live flow to `node` now and keep it there: flowlet sharding no longer
     /// moves it, only `node` failing does. Any pending handoff is cancelled. For a flow
     /// whose state the host has already moved and whose in-flight packets it does not
-    /// need to protect (otherwise [`Pipeline::hand_off`]). Returns false, counted, if
-    /// the flow is not tracked or `node` is not active.
-    pub fn pin_flow(&mut self, tuple: &FlowTuple, node: u16) -> bool {
+    /// need to protect (otherwise [`Pipeline::hand_off`]). A refusal says why and is
+    /// counted; a node that is not active is named before a flow that is not tracked.
+    pub fn pin_flow(&mut self, tuple: &FlowTuple, node: u16) -> Result<(), PinRefused> {
+        if !self.node_active(node) {
+            self.counters.pins_refused += 1;
+            return Err(PinRefused::NodeNotActive);
+        }
         let (key, _) = FlowKey::from_tuple(tuple);
         let slot = self.flow_slot(&key);
         let entry = slot.and_then(|s| self.table.entry(s)).copied();
-        let (Some(slot), Some(mut e), true) = (slot, entry, self.node_active(node)) else {
+        let (Some(slot), Some(mut e)) = (slot, entry) else {
             self.counters.pins_refused += 1;
-            return false;
+            return Err(PinRefused::NoSuchFlow);
         };
         if e.node != node {
             let shard = e.shard;
@@ -612,7 +629,7 @@ impl Pipeline {
         }
         self.handoffs.remove(&key);
         self.counters.flows_pinned += 1;
-        true
+        Ok(())
     }
 
     /// Release a pinned flow: it stays on its node, and flowlet sharding applies to it
@@ -1910,7 +1927,7 @@ mod tests {
         let a = send(&mut p, 0, &tcp(7, false, TCP_SYN, 0));
         let node = other_node(a.node);
         assert!(p.hand_off(&tuple(7, false), a.node ^ 2));
-        assert!(p.pin_flow(&tuple(7, true), node));
+        assert_eq!(p.pin_flow(&tuple(7, true), node), Ok(()));
         assert_eq!(p.pending_hand_offs(), 0, "a pin cancels a pending handoff");
         let d = send(&mut p, 10_000, &tcp(7, false, 0, 10));
         assert_eq!(
@@ -1936,10 +1953,11 @@ mod tests {
         assert_ne!(send(&mut p, t, &tcp(7, false, 0, 10)).shard, a.shard);
         assert_eq!(p.counters().flowlet_moves, moves + 1);
         // Refused: an absent flow, an undefined node, a node that is not active.
-        assert!(!p.pin_flow(&tuple(8, false), node));
-        assert!(!p.pin_flow(&tuple(7, false), 9));
+        let refused = |p: &mut Pipeline, flow, node| p.pin_flow(&tuple(flow, false), node);
+        assert_eq!(refused(&mut p, 8, node), Err(PinRefused::NoSuchFlow));
+        assert_eq!(refused(&mut p, 7, 9), Err(PinRefused::NodeNotActive));
         p.set_node_state(node, NodeState::Draining).unwrap();
-        assert!(!p.pin_flow(&tuple(7, false), node));
+        assert_eq!(refused(&mut p, 7, node), Err(PinRefused::NodeNotActive));
         assert!(!p.unpin_flow(&tuple(8, false)));
         assert_eq!(p.counters().pins_refused, 3);
     }
