@@ -1157,6 +1157,7 @@ fn hand_off(
     }
     Ok(accepted)
 }
+
 /// One packet of a tick: time (ns), index of its flow, TCP flags, and how many packets
 /// share the flow's load this tick.
 type TickPacket = (u64, usize, u8, u8);
