@@ -244,7 +244,9 @@ pub struct Pipeline {
     /// is not re-initialised.
     work: Vec<Work>,
     sweep_cursor: u32,
-    sweep_debt_ns: u64,
+    /// NIC time at which the next bucket is due to be swept: packets before it only
+    /// move the clock.
+    sweep_due_ns: u64,
     /// NIC time per bucket of sweep, so the table is swept once per sweep period.
     ns_per_bucket: u64,
 }
@@ -380,7 +382,7 @@ impl Pipeline {
             started: false,
             work: vec![Work::default(); 2 * BURST],
             sweep_cursor: 0,
-            sweep_debt_ns: 0,
+            sweep_due_ns: 0,
             ns_per_bucket,
         };
         p.rebuild_fallback();
@@ -851,10 +853,25 @@ impl Pipeline {
     }
 
     /// Move NIC time forward (never back) and age the connection table accordingly.
+    /// The common packet, no earlier than the last and before the next sweep step is
+    /// due, only moves the clock.
+    #[inline(always)]
     fn advance_clock(&mut self, ts_ns: u64) {
+        if ts_ns >= self.now_ns && ts_ns < self.sweep_due_ns {
+            self.set_now(ts_ns);
+        } else {
+            self.advance_clock_and_sweep(ts_ns);
+        }
+    }
+
+    /// The rest of [`advance_clock`](Self::advance_clock): the first packet, time
+    /// going backwards, and sweeps.
+    #[inline(never)]
+    fn advance_clock_and_sweep(&mut self, ts_ns: u64) {
         if !self.started {
             self.started = true;
             self.set_now(ts_ns);
+            self.sweep_due_ns = ts_ns.saturating_add(self.ns_per_bucket);
             return;
         }
         if ts_ns < self.now_ns {
@@ -865,15 +882,17 @@ impl Pipeline {
         self.set_now(ts_ns);
         if elapsed > u64::from(MAX_TIMEOUT_MS) * 1_000_000 {
             // Longer than any timeout: every tracked flow is idle past its limit, and
-            // the entries' 32-bit µs clocks cannot be trusted across such a gap.
+            // the entries' 32-bit µs clocks cannot be trusted across such a gap. The
+            // sweep schedule keeps its phase.
             self.sweep(self.table.buckets(), true);
+            self.sweep_due_ns = self.sweep_due_ns.saturating_add(elapsed);
             return;
         }
-        // Sweep whole buckets as NIC time pays for them; the common case is a compare.
-        self.sweep_debt_ns += elapsed;
-        if self.sweep_debt_ns >= self.ns_per_bucket {
-            let due = self.sweep_debt_ns / self.ns_per_bucket;
-            self.sweep_debt_ns -= due * self.ns_per_bucket;
+        // Sweep whole buckets as NIC time pays for them.
+        if ts_ns >= self.sweep_due_ns {
+            let npb = self.ns_per_bucket;
+            let due = (ts_ns - self.sweep_due_ns) / npb + 1;
+            self.sweep_due_ns += due * npb;
             self.sweep(due.min(u64::from(self.table.buckets())) as u32, false);
         }
     }
