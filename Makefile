@@ -53,8 +53,8 @@ model: build
 	cd models && sha256sum -c profiler.sha256
 
 bench: build
-	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000
-	./target/release/flowshard bench dataplane --flows 1000000 --packets 50000000 --zipf 1.1
+	./target/release/flowshard bench dataplane --flows 1000000 --packets 10000000 --repeat 5
+	./target/release/flowshard bench dataplane --flows 1000000 --packets 10000000 --repeat 5 --zipf 1.1
 	$(CARGO) bench -p hw-sim --bench dataplane
 	./target/release/flowshard bench ring --updates 10000000 --batch 1024
 	$(CARGO) bench -p flowshard --bench ring

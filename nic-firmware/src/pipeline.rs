@@ -48,7 +48,10 @@ use crate::{Class, FlowTuple, Verdict, ipproto};
 /// the excess stall; smaller ones leave too little time for a miss to resolve. On the
 /// 1M-flow uniform benchmark 16–20 was best (8: 82 ns/packet, 20: 63, 32: 74, 64: 81);
 /// with overlapping bursts, measured again in CPU time per packet, 12–20 are within
-/// noise of each other (8: 63 ns, 12: 61, 16: 57, 20: 59) and 32 is worse (72).
+/// noise of each other (8: 63 ns, 12: 61, 16: 57, 20: 59) and 32 is worse (72). With
+/// the second bucket's own pass, by `bench dataplane --repeat`, 16 and 20 were within
+/// noise (uniform 35.1 and 35.3 ns best), 12 and 14 a little slower, 24 and 32 slower
+/// (uniform 42.3 and 53.6).
 pub const BURST: usize = 20;
 /// Ageing visits every bucket of the connection table once per sweep period of NIC
 /// time: half the shortest timeout, so a flow ends at most 1.5 timeouts after its last
@@ -726,16 +729,17 @@ impl Pipeline {
     /// Bursts overlap: the next burst is parsed and hashed, and its tag lines
     /// prefetched, after this burst's entries are prefetched and before they are
     /// used, so each miss has a whole pass over a burst to resolve instead of the
-    /// few packets between the entry prefetch and the first lookup. That includes
-    /// the entries of flows in their second bucket (about one in ten in a full
-    /// table): their tags are read, and their entries prefetched, in a short pass of
-    /// its own before the next burst's first pass, where the tag misses overlap each
-    /// other, rather than just before steering, where each entry miss stalled a
-    /// long per-packet loop. Measured with `bench dataplane --repeat`: 1M flows
-    /// uniform, best run 37.1–37.5 against 40.3–40.5 ns; Zipf 1.1 and 1,000 flows
-    /// unchanged. Parsing and
+    /// few packets between the entry prefetch and the first lookup. Parsing and
     /// hashing read no state that steering changes, so the order of decisions, and
     /// every decision, is the same as one burst after another.
+    ///
+    /// That includes the entries of flows in their second bucket (about one in ten
+    /// in a full table): their tags are read, and their entries prefetched, in a
+    /// short pass of its own before the next burst's first pass, where the tag misses
+    /// overlap each other, rather than just before steering, where each entry miss
+    /// stalled a long per-packet loop. Measured with `bench dataplane --repeat`: 1M
+    /// flows uniform, best run 37.1–37.5 against 40.3–40.5 ns; Zipf 1.1 and 1,000
+    /// flows unchanged.
     pub fn process_burst(&mut self, link: LinkType, pkts: &[Packet<'_>], out: &mut Vec<Decision>) {
         out.reserve(pkts.len());
         let mut work = core::mem::take(&mut self.work);
