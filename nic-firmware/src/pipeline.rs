@@ -1675,6 +1675,43 @@ mod tests {
         assert_eq!(end.flowlets, 8);
     }
 
+    /// The short path's move limit follows the class policy the host sets at run time:
+    /// a group of 1 keeps counting flowlets but never moves the flow; a larger group
+    /// moves it at its next flowlet boundary; back to 1, it stays where it is.
+    #[test]
+    fn class_group_changes_reach_established_flows_at_their_next_flowlet() {
+        let mut cfg = small_bulk_sharded();
+        cfg.class_policies.clear();
+        let mut p = Pipeline::new(&cfg).unwrap();
+        let gap = u64::from(cfg.flowlet_gap_us) * 1_000;
+        let mut t = 0u64;
+        let flowlet = |p: &mut Pipeline, t: &mut u64| {
+            let mut shards = StdVec::new();
+            for _ in 0..3 {
+                shards.push(send(p, *t, &tcp(7, false, 0, 100)));
+                *t += 10_000;
+            }
+            *t += gap + 1_000;
+            assert!(shards.windows(2).all(|w| w[0].shard == w[1].shard));
+            (shards[0].shard, shards[0].flowlet)
+        };
+        let (first, _) = flowlet(&mut p, &mut t);
+        for n in 1..4 {
+            assert_eq!(flowlet(&mut p, &mut t), (first, n), "group 1: never moves");
+        }
+        assert_eq!(p.counters().flowlet_moves, 0);
+        p.set_class_group(Class::Bulk, 4).unwrap();
+        let (moved, n) = flowlet(&mut p, &mut t);
+        assert_eq!(n, 4);
+        assert_ne!(moved, first, "group 4: moves at the next boundary");
+        assert_eq!(p.counters().flowlet_moves, 1);
+        p.set_class_group(Class::Bulk, 1).unwrap();
+        for n in 5..8 {
+            assert_eq!(flowlet(&mut p, &mut t), (moved, n), "group 1 again: stays");
+        }
+        assert_eq!(p.counters().flowlet_moves, 1);
+    }
+
     #[test]
     fn feature_record_after_n_packets_and_end_record_after_fin() {
         let mut p = Pipeline::new(&small()).unwrap();
