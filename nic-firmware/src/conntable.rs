@@ -227,14 +227,28 @@ impl FlowKey {
     }
 }
 
-/// The slots of a key's two buckets whose tags match, as read at one generation of
-/// the table (any change to a tag moves the generation on).
+/// The slots whose tags match a key's, in the bucket a lookup will search, as read at
+/// one generation of the table (any change to a tag moves the generation on).
+///
+/// That bucket is the key's first unless the first had no candidate, and then its
+/// second: so steering searches one bucket without asking which, a question whose
+/// answer is a coin weighted one in ten in a full table (a mispredicted branch).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Candidates {
-    m1: u8,
-    /// Not read yet: the second bucket is looked at only if the first has no match.
-    m2: Option<u8>,
+    bucket: u32,
+    mask: u8,
+    /// `bucket` is the second (the first had no candidate).
+    second: bool,
     generation: u32,
+}
+
+impl Candidates {
+    /// The first bucket had no candidate and the second's tags are still to be read
+    /// ([`ConnTable::prefetch_third`]).
+    #[inline(always)]
+    pub fn need_second(&self) -> bool {
+        self.mask == 0 && !self.second
+    }
 }
 
 /// The slots of `tags` equal to `tag`, as a bitmask: one SSE2 compare (x86-64's
@@ -342,18 +356,16 @@ fn reduce(x: u32, n: u32) -> u32 {
     ((u64::from(x) * u64::from(n)) >> 32) as u32
 }
 
-/// Hint the CPU to bring `r`'s cache line in; a burst issues these for all its packets
+/// Hint the CPU to bring the cache line at `r` in; a burst issues these for all its packets
 /// before touching any, so their memory latencies overlap.
 #[allow(unsafe_code)]
 #[inline(always)]
-pub(crate) fn prefetch<T>(r: &T) {
+pub(crate) fn prefetch<T>(r: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and never changes memory, and
-    // the pointer comes from a valid reference.
+    // SAFETY: a prefetch is only a hint: it never faults and never changes memory,
+    // whatever the address.
     unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            (r as *const T).cast(),
-        )
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(r.cast())
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = r;
@@ -442,29 +454,35 @@ impl ConnTable {
     #[inline(always)]
     pub fn prefetch_second(&self, p: &Probe) -> Candidates {
         let m1 = self.mask(p.b1, p.tag);
-        if m1 == 0 {
-            if let Some(t) = self.tags.get(p.b2 as usize) {
-                prefetch(t);
-            }
-        } else {
-            self.prefetch_slots(p.b1, m1);
-        }
+        let entry = self
+            .entries
+            .as_ptr()
+            .wrapping_add(p.b1 as usize * SLOTS + m1.trailing_zeros() as usize)
+            .cast::<u8>();
+        let tags = self.tags.as_ptr().wrapping_add(p.b2 as usize).cast::<u8>();
+        prefetch(core::hint::select_unpredictable(m1 == 0, tags, entry));
+        self.prefetch_slots(p.b1, m1 & m1.wrapping_sub(1));
         Candidates {
-            m1,
-            m2: None,
+            bucket: p.b1,
+            mask: m1,
+            second: false,
             generation: self.generation,
         }
     }
 
-    /// Third stage, for keys whose first bucket had no candidate: read the second
-    /// bucket's tags and prefetch its matching entries.
+    /// Third stage, for keys whose first bucket had no candidate
+    /// ([`Candidates::need_second`]): read the second bucket's tags and prefetch its
+    /// matching entries.
     #[inline(always)]
     pub fn prefetch_third(&self, p: &Probe, c: &mut Candidates) {
-        if c.m1 == 0 && c.m2.is_none() {
-            let m2 = self.mask(p.b2, p.tag);
-            self.prefetch_slots(p.b2, m2);
-            c.m2 = Some(m2);
-        }
+        let m2 = self.mask(p.b2, p.tag);
+        self.prefetch_slots(p.b2, m2);
+        *c = Candidates {
+            bucket: p.b2,
+            mask: m2,
+            second: true,
+            generation: c.generation,
+        };
     }
 
     #[inline(always)]
@@ -485,12 +503,19 @@ impl ConnTable {
         self.tags.get(b as usize).map_or(0, |t| tag_mask(t, tag))
     }
 
-    /// The slots of both candidate buckets whose tag is the probe's.
+    /// The candidates of a key, its second bucket's if the first has none.
     #[inline(always)]
     pub fn candidates(&self, p: &Probe) -> Candidates {
+        let m1 = self.mask(p.b1, p.tag);
+        let (bucket, mask, second) = if m1 != 0 {
+            (p.b1, m1, false)
+        } else {
+            (p.b2, self.mask(p.b2, p.tag), true)
+        };
         Candidates {
-            m1: self.mask(p.b1, p.tag),
-            m2: Some(self.mask(p.b2, p.tag)),
+            bucket,
+            mask,
+            second,
             generation: self.generation,
         }
     }
@@ -502,8 +527,9 @@ impl ConnTable {
     }
 
     /// [`find`](Self::find) among candidates taken earlier; they are taken again if
-    /// the table's slots have changed since, and the second bucket's are taken now if
-    /// they were not then.
+    /// the table's slots have changed since. The second bucket is searched after the
+    /// first only if the first had candidates and none matched (a 16-bit tag makes
+    /// that rare), or if its tags were never read.
     #[inline(always)]
     pub fn find_among(&self, key: &FlowKey, p: &Probe, c: Candidates) -> Option<u32> {
         let c = if c.generation == self.generation {
@@ -511,10 +537,11 @@ impl ConnTable {
         } else {
             self.candidates(p)
         };
-        self.find_in(key, p.key_tail, p.b1, c.m1).or_else(|| {
-            let m2 = c.m2.unwrap_or_else(|| self.mask(p.b2, p.tag));
-            self.find_in(key, p.key_tail, p.b2, m2)
-        })
+        let found = self.find_in(key, p.key_tail, c.bucket, c.mask);
+        if found.is_none() && !c.second {
+            return self.find_in(key, p.key_tail, p.b2, self.mask(p.b2, p.tag));
+        }
+        found
     }
 
     #[inline(always)]
@@ -809,7 +836,9 @@ mod tests {
         let (k, _) = FlowKey::from_tuple(&tuple(5));
         let p = t.probe(&k);
         let mut early = t.prefetch_second(&p);
-        t.prefetch_third(&p, &mut early);
+        if early.need_second() {
+            t.prefetch_third(&p, &mut early);
+        }
         let s = t.insert(entry_for(&k, 0), &p, 0).slot;
         assert_eq!(t.find_among(&k, &p, early), Some(s));
         let before_removal = t.prefetch_second(&p);

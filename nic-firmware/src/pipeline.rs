@@ -299,6 +299,12 @@ impl Default for Work {
     }
 }
 
+/// The packets of a burst, by index, whose first bucket had no candidate.
+struct SecondBuckets {
+    at: [u8; BURST],
+    len: usize,
+}
+
 /// Smooth weighted round robin: `len` slots shared among `(id, weight)` exactly in
 /// proportion (largest remainder) and interleaved, so any prefix is balanced too.
 fn weighted_spread(targets: &[(u16, u32)], len: usize) -> Vec<u16> {
@@ -768,9 +774,9 @@ impl Pipeline {
         let mut chunks = pkts.chunks(BURST).peekable();
         if let Some(mut chunk) = chunks.next() {
             self.prepare(link, chunk, cur, chunks.peek().copied().unwrap_or_default());
-            self.candidates(&mut cur[..chunk.len()]);
+            let mut seconds = self.candidates(&mut cur[..chunk.len()]);
             loop {
-                self.second_candidates(&mut cur[..chunk.len()]);
+                self.second_candidates(cur, &seconds);
                 let following = chunks.next();
                 if let Some(f) = following {
                     self.prepare(link, f, next, chunks.peek().copied().unwrap_or_default());
@@ -779,7 +785,7 @@ impl Pipeline {
                 let Some(f) = following else {
                     break;
                 };
-                self.candidates(&mut next[..f.len()]);
+                seconds = self.candidates(&mut next[..f.len()]);
                 core::mem::swap(&mut cur, &mut next);
                 chunk = f;
             }
@@ -857,20 +863,31 @@ impl Pipeline {
     }
 
     /// Second pass: read the first bucket's tags and prefetch the matching entries, or
-    /// the second bucket's tags.
-    fn candidates(&self, work: &mut [Work]) {
-        for w in work {
+    /// the second bucket's tags. Returns the packets whose first bucket had no
+    /// candidate, for the third pass.
+    fn candidates(&self, work: &mut [Work]) -> SecondBuckets {
+        let mut seconds = SecondBuckets {
+            at: [0; BURST],
+            len: 0,
+        };
+        for (i, w) in work.iter_mut().enumerate() {
             if w.verdict == Verdict::Forward {
                 w.candidates = self.table.prefetch_second(&w.probe);
+                // Listed without a branch on the answer (see `Candidates`).
+                if let Some(at) = seconds.at.get_mut(seconds.len) {
+                    *at = i as u8;
+                }
+                seconds.len += usize::from(w.candidates.need_second());
             }
         }
+        seconds
     }
 
-    /// Third pass, for packets whose first bucket had no candidate: read the second
-    /// bucket's tags and prefetch its matching entries.
-    fn second_candidates(&self, work: &mut [Work]) {
-        for w in work {
-            if w.verdict == Verdict::Forward {
+    /// Third pass, over the packets whose first bucket had no candidate: read the
+    /// second bucket's tags and prefetch its matching entries.
+    fn second_candidates(&self, work: &mut [Work], seconds: &SecondBuckets) {
+        for &i in seconds.at.get(..seconds.len).unwrap_or_default() {
+            if let Some(w) = work.get_mut(usize::from(i)) {
                 self.table.prefetch_third(&w.probe, &mut w.candidates);
             }
         }
