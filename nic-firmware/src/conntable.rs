@@ -24,6 +24,8 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use core::hint::select_unpredictable;
+
 use crate::{FlowTuple, ipv4_addr};
 
 /// Slots per bucket.
@@ -145,18 +147,18 @@ impl FlowKey {
         // Byte-wise lexicographic order is big-endian integer order: one 128-bit
         // compare instead of a byte loop.
         let (src, dst) = (u128::from_be_bytes(t.src), u128::from_be_bytes(t.dst));
-        let a_to_b = src < dst || (src == dst && t.sport <= t.dport);
-        let (addr_a, port_a, addr_b, port_b) = if a_to_b {
-            (t.src, t.sport, t.dst, t.dport)
-        } else {
-            (t.dst, t.dport, t.src, t.sport)
-        };
+        let a_to_b = (src < dst) | ((src == dst) & (t.sport <= t.dport));
+        // A flow's two directions interleave, so which one a packet travels is close
+        // to a coin toss: the endpoints are ordered by selects, not a branch (over
+        // `pinterest`'s 17,657 packets, 0.33 fewer mispredictions per packet).
+        let pick = |x, y| select_unpredictable(a_to_b, x, y);
+        let (a, b) = (u128::from_ne_bytes(t.src), u128::from_ne_bytes(t.dst));
         (
             FlowKey {
-                addr_a,
-                addr_b,
-                port_a,
-                port_b,
+                addr_a: pick(a, b).to_ne_bytes(),
+                addr_b: pick(b, a).to_ne_bytes(),
+                port_a: select_unpredictable(a_to_b, t.sport, t.dport),
+                port_b: select_unpredictable(a_to_b, t.dport, t.sport),
                 proto: t.proto,
                 ipv6: t.ipv6,
             },
@@ -174,21 +176,23 @@ impl FlowKey {
         dport: u16,
         proto: u8,
     ) -> (FlowKey, bool) {
-        // An IPv4 address sits in the first 4 of the key's 16 bytes, so comparing the
-        // big-endian 32-bit values orders keys as `from_tuple` does.
-        let (s, d) = (u32::from_be_bytes(src), u32::from_be_bytes(dst));
-        let a_to_b = s < d || (s == d && sport <= dport);
-        let (addr_a, port_a, addr_b, port_b) = if a_to_b {
-            (src, sport, dst, dport)
-        } else {
-            (dst, dport, src, sport)
-        };
+        // An endpoint as one integer, address above port, orders endpoints as
+        // `from_tuple` does (an IPv4 address sits in the first 4 of the key's 16
+        // bytes). Min and max put them in order without a branch, for the reason
+        // `from_tuple` gives: over a real capture (`netflix`, 6,999 IPv4 packets) the
+        // branch mispredicted one packet in two; a one-way stream predicts it, and
+        // pays the 9 instructions per packet the selects cost.
+        let end = |a: [u8; 4], p: u16| u64::from(u32::from_be_bytes(a)) << 16 | u64::from(p);
+        let (s, d) = (end(src, sport), end(dst, dport));
+        let a_to_b = s <= d;
+        let (a, b) = (s.min(d), s.max(d));
+        let addr = |e: u64| ipv4_addr(((e >> 16) as u32).to_be_bytes());
         (
             FlowKey {
-                addr_a: ipv4_addr(addr_a),
-                addr_b: ipv4_addr(addr_b),
-                port_a,
-                port_b,
+                addr_a: addr(a),
+                addr_b: addr(b),
+                port_a: a as u16,
+                port_b: b as u16,
                 proto,
                 ipv6: false,
             },
@@ -460,7 +464,7 @@ impl ConnTable {
             .wrapping_add(p.b1 as usize * SLOTS + m1.trailing_zeros() as usize)
             .cast::<u8>();
         let tags = self.tags.as_ptr().wrapping_add(p.b2 as usize).cast::<u8>();
-        prefetch(core::hint::select_unpredictable(m1 == 0, tags, entry));
+        prefetch(select_unpredictable(m1 == 0, tags, entry));
         self.prefetch_slots(p.b1, m1 & m1.wrapping_sub(1));
         Candidates {
             bucket: p.b1,
