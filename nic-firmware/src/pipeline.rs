@@ -231,7 +231,7 @@ pub struct Pipeline {
     /// The flowlet gap for sharded classes, never (`u32::MAX`) for the others.
     move_gap_us: [u32; 256],
     /// Whether any class is sharded.
-    sharded_classes: bool,
+    any_sharded: bool,
     /// Flows the host handed off, with their target node, until their next flowlet
     /// boundary. Every key is a live flow (a flow's end removes it), so this never
     /// holds more than the connection table does; usually it is empty, and the fast
@@ -381,7 +381,7 @@ impl Pipeline {
             fallback: Vec::new(),
             class_group,
             move_gap_us: [u32::MAX; 256],
-            sharded_classes: false,
+            any_sharded: false,
             handoffs: BTreeMap::new(),
             classifier: None,
             classifier_scratch: Vec::new(),
@@ -495,7 +495,7 @@ impl Pipeline {
     }
 
     fn rebuild_move_gaps(&mut self) {
-        self.sharded_classes = self.class_group.iter().any(|&k| k > 1);
+        self.any_sharded = self.class_group.iter().any(|&k| k > 1);
         for (gap, &group) in self.move_gap_us.iter_mut().zip(&self.class_group) {
             *gap = if group > 1 {
                 self.config.flowlet_gap_us
@@ -1172,7 +1172,7 @@ impl Pipeline {
         // comparison.
         let idle = now_us.wrapping_sub(e.last_us);
         let gap = self.config.flowlet_gap_us;
-        if self.sharded_classes | !self.handoffs.is_empty() {
+        if self.any_sharded | !self.handoffs.is_empty() {
             let pinned = u32::from(e.flags & flag::PINNED != 0).wrapping_neg();
             let handoff_gap = if self.handoffs.is_empty() {
                 u32::MAX
