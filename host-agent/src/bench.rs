@@ -30,6 +30,8 @@ pub struct DataplaneReport {
     /// Packets per timed run.
     pub packets: u64,
     pub popularity: String,
+    /// Whether about half the packets were replies (`--two-way`).
+    pub two_way: bool,
     /// Median over the runs (the upper one of an even count).
     pub ns_per_packet: f64,
     pub mpps: f64,
@@ -57,6 +59,7 @@ pub fn dataplane(
     zipf: Option<f64>,
     seed: u64,
     repeat: u32,
+    two_way: bool,
 ) -> Result<DataplaneReport, Error> {
     if packets == 0 {
         return Err(Error::Usage("--packets must be at least 1".into()));
@@ -78,6 +81,11 @@ pub fn dataplane(
         .unwrap_or(usize::MAX)
         .min(MAX_WINDOW);
     let window = FrameWindow::new(flows, window_len, popularity, seed).map_err(Error::Usage)?;
+    let window = if two_way {
+        window.with_replies(seed)
+    } else {
+        window
+    };
     let mut out: Vec<Decision> = Vec::with_capacity(CHUNK);
     let mut pkts: Vec<Packet> = Vec::with_capacity(CHUNK);
     let mut ts = 0u64;
@@ -135,6 +143,7 @@ pub fn dataplane(
             Popularity::Uniform => "uniform".into(),
             Popularity::Zipf(s) => format!("zipf {s}"),
         },
+        two_way,
         ns_per_packet: median,
         mpps: 1e3 / median,
         best_ns_per_packet: best,
@@ -156,22 +165,25 @@ mod tests {
 
     #[test]
     fn every_packet_is_forwarded_and_flows_stay_tracked() {
-        let r = dataplane(10_000, 50_000, Some(1.1), 3, 1).unwrap();
+        let r = dataplane(10_000, 50_000, Some(1.1), 3, 1, false).unwrap();
         assert_eq!(r.forwarded, 50_000);
         assert_eq!(r.active_flows, 10_000);
         assert_eq!(r.evictions, 0);
         assert_eq!(r.entry_bytes, 64);
         assert!(r.ns_per_packet > 0.0 && r.mpps > 0.0);
         assert_eq!(r.runs_ns_per_packet, [r.ns_per_packet]);
-        assert!(dataplane(10, 0, None, 1, 1).is_err());
-        assert!(dataplane(0, 10, None, 1, 1).is_err());
-        assert!(dataplane(10, 10, None, 1, 0).is_err());
+        assert!(dataplane(10, 0, None, 1, 1, false).is_err());
+        assert!(dataplane(0, 10, None, 1, 1, false).is_err());
+        assert!(dataplane(10, 10, None, 1, 0, false).is_err());
     }
 
     #[test]
     fn repeated_runs_report_their_median_and_best() {
-        let r = dataplane(1_000, 20_000, None, 5, 4).unwrap();
+        let r = dataplane(1_000, 20_000, None, 5, 4, true).unwrap();
         assert_eq!(r.forwarded, 80_000);
+        // Replies find their flows: none is created or lost.
+        assert!(r.two_way);
+        assert_eq!(r.active_flows, 1_000);
         assert_eq!(r.runs_ns_per_packet.len(), 4);
         let mut sorted = r.runs_ns_per_packet.clone();
         sorted.sort_by(f64::total_cmp);

@@ -403,6 +403,10 @@ pub enum BenchCommand {
         /// and the best run.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// Send about half the packets as replies, server to client (every packet
+        /// goes client to server without it).
+        #[arg(long)]
+        two_way: bool,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -593,17 +597,19 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     zipf,
                     seed,
                     repeat,
+                    two_way,
                     json,
                 },
         } => {
-            let r = bench::dataplane(flows, packets, zipf, seed, repeat)?;
+            let r = bench::dataplane(flows, packets, zipf, seed, repeat, two_way)?;
             crate::print_report(&r, json, |r| {
                 format!(
-                    "dataplane: {} flows, {} packets x {} runs, {}\n  {:.2} ns/packet, {:.2} Mpps (median); best {:.2} ns/packet, {:.2} Mpps\n  connection table: {} B/entry, {:.1} B/flow of capacity ({} flows, {:.1} MiB)",
+                    "dataplane: {} flows, {} packets x {} runs, {}{}\n  {:.2} ns/packet, {:.2} Mpps (median); best {:.2} ns/packet, {:.2} Mpps\n  connection table: {} B/entry, {:.1} B/flow of capacity ({} flows, {:.1} MiB)",
                     r.flows,
                     r.packets,
                     r.runs_ns_per_packet.len(),
                     r.popularity,
+                    if r.two_way { ", two-way" } else { "" },
                     r.ns_per_packet,
                     r.mpps,
                     r.best_ns_per_packet,

@@ -135,6 +135,23 @@ impl FrameWindow {
         Ok(FrameWindow { frames, len })
     }
 
+    /// The same window with about half its frames, drawn from `seed`, turned into
+    /// their flow's replies (server to client), as a real link carries a flow's two
+    /// directions interleaved. A reply swaps the addresses and the ports, which
+    /// leaves the IPv4 header checksum as it was.
+    pub fn with_replies(mut self, seed: u64) -> FrameWindow {
+        let mut rng = StdRng::seed_from_u64(seed.rotate_left(32) ^ 0x7265_706c_6965_7321);
+        for f in self.frames.chunks_exact_mut(SLOT) {
+            if rng.random_bool(0.5) {
+                let (src, dst) = f[26..34].split_at_mut(4);
+                src.swap_with_slice(dst);
+                let (sport, dport) = f[34..38].split_at_mut(2);
+                sport.swap_with_slice(dport);
+            }
+        }
+        self
+    }
+
     /// One frame per flow, each flow once, in id order: fills a table before measuring.
     pub fn every_flow(flows: u32) -> Result<FrameWindow, String> {
         if flows == 0 || flows > MAX_FLOWS {
@@ -209,6 +226,26 @@ mod tests {
         let z2 = FrameWindow::new(100_000, 100_000, Popularity::Zipf(1.1), 7).unwrap();
         assert_eq!(z.frames, z2.frames);
         assert!(FrameWindow::new(0, 1, Popularity::Uniform, 1).is_err());
+    }
+
+    #[test]
+    fn replies_are_the_same_flows_the_other_way() {
+        let one = FrameWindow::new(1_000, 10_000, Popularity::Uniform, 5).unwrap();
+        let two = FrameWindow::new(1_000, 10_000, Popularity::Uniform, 5)
+            .unwrap()
+            .with_replies(5);
+        let mut replies = 0;
+        for i in 0..one.len() {
+            let a = parse(LinkType::Ethernet, one.frame(i), WIRE_LEN).unwrap();
+            let b = parse(LinkType::Ethernet, two.frame(i), WIRE_LEN).unwrap();
+            assert_eq!(a.ip_len, b.ip_len);
+            if a.tuple != b.tuple {
+                replies += 1;
+                assert_eq!((a.tuple.src, a.tuple.sport), (b.tuple.dst, b.tuple.dport));
+                assert_eq!((a.tuple.dst, a.tuple.dport), (b.tuple.src, b.tuple.sport));
+            }
+        }
+        assert!((4_500..5_500).contains(&replies), "{replies} replies");
         assert!(FrameWindow::new(10, 1, Popularity::Zipf(-1.0), 1).is_err());
     }
 }
