@@ -55,6 +55,7 @@ model: build
 bench: build
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 10000000 --repeat 5
 	./target/release/flowshard bench dataplane --flows 1000000 --packets 10000000 --repeat 5 --zipf 1.1
+	./target/release/flowshard bench dataplane --flows 1000000 --packets 10000000 --repeat 5 --zipf 1.1 --two-way
 	$(CARGO) bench -p hw-sim --bench dataplane
 	./target/release/flowshard bench ring --updates 10000000 --batch 1024
 	$(CARGO) bench -p flowshard --bench ring
