@@ -226,6 +226,7 @@ mod tests {
         let z2 = FrameWindow::new(100_000, 100_000, Popularity::Zipf(1.1), 7).unwrap();
         assert_eq!(z.frames, z2.frames);
         assert!(FrameWindow::new(0, 1, Popularity::Uniform, 1).is_err());
+        assert!(FrameWindow::new(10, 1, Popularity::Zipf(-1.0), 1).is_err());
     }
 
     #[test]
@@ -246,6 +247,5 @@ mod tests {
             }
         }
         assert!((4_500..5_500).contains(&replies), "{replies} replies");
-        assert!(FrameWindow::new(10, 1, Popularity::Zipf(-1.0), 1).is_err());
     }
 }

@@ -360,6 +360,13 @@ fn reduce(x: u32, n: u32) -> u32 {
     ((u64::from(x) * u64::from(n)) >> 32) as u32
 }
 
+/// The slot of bucket `b` that is the lowest in `m` (for an empty `m`, the next
+/// bucket's first slot).
+#[inline(always)]
+fn first_slot(b: u32, m: u8) -> usize {
+    b as usize * SLOTS + m.trailing_zeros() as usize
+}
+
 /// Hint the CPU to bring the cache line at `r` in; a burst issues these for all its
 /// packets before touching any, so their memory latencies overlap.
 #[allow(unsafe_code)]
@@ -461,7 +468,7 @@ impl ConnTable {
         let entry = self
             .entries
             .as_ptr()
-            .wrapping_add(p.b1 as usize * SLOTS + m1.trailing_zeros() as usize)
+            .wrapping_add(first_slot(p.b1, m1))
             .cast::<u8>();
         let tags = self.tags.as_ptr().wrapping_add(p.b2 as usize).cast::<u8>();
         prefetch(select_unpredictable(m1 == 0, tags, entry));
@@ -492,10 +499,7 @@ impl ConnTable {
     #[inline(always)]
     fn prefetch_slots(&self, b: u32, mut m: u8) {
         while m != 0 {
-            if let Some(e) = self
-                .entries
-                .get(b as usize * SLOTS + m.trailing_zeros() as usize)
-            {
+            if let Some(e) = self.entries.get(first_slot(b, m)) {
                 prefetch(e);
             }
             m &= m - 1;
@@ -551,7 +555,7 @@ impl ConnTable {
     #[inline(always)]
     fn find_in(&self, key: &FlowKey, key_tail: u64, b: u32, mut m: u8) -> Option<u32> {
         while m != 0 {
-            let i = b as usize * SLOTS + m.trailing_zeros() as usize;
+            let i = first_slot(b, m);
             if self
                 .entries
                 .get(i)

@@ -1172,13 +1172,10 @@ impl Pipeline {
         // comparison.
         let idle = now_us.wrapping_sub(e.last_us);
         let gap = self.config.flowlet_gap_us;
-        if self.any_sharded | !self.handoffs.is_empty() {
+        let handoff_pending = !self.handoffs.is_empty();
+        if self.any_sharded | handoff_pending {
             let pinned = u32::from(e.flags & flag::PINNED != 0).wrapping_neg();
-            let handoff_gap = if self.handoffs.is_empty() {
-                u32::MAX
-            } else {
-                gap
-            };
+            let handoff_gap = if handoff_pending { gap } else { u32::MAX };
             let move_gap = (self.move_gap_us[usize::from(e.class)] | pinned).min(handoff_gap);
             if idle > opaque(move_gap) {
                 return false;
