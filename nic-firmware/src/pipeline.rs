@@ -813,8 +813,8 @@ impl Pipeline {
     ) {
         let mut ahead = ahead.iter();
         for (w, pkt) in work.iter_mut().zip(pkts) {
-            if let Some(a) = ahead.next().and_then(|a| a.data.first()) {
-                prefetch(a);
+            if let Some(a) = ahead.next() {
+                prefetch(a.data.as_ptr());
             }
             if link == LinkType::Ethernet
                 && let Some(f) = ethernet_ipv4_fast(pkt.data, pkt.wire_len)
